@@ -1,0 +1,119 @@
+"""The ``rnncap`` command line.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``. Modules import heavy libraries (torch, h5py) inside ``run`` so
+that ``rnncap --help`` stays fast. Errors a user can cause (``RnncapError``) print
+as one line, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import RnncapError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("rnncap.demo", "generate a synthetic dataset, train, caption and report (the main job)"),
+    "download": ("rnncap.download", "download a dataset (e.g. coco-cs231n), resumably"),
+    "features": ("rnncap.features", "encode images into an HDF5 feature cache (optional PCA)"),
+    "train": ("rnncap.train", "train a captioner on cached features"),
+    "caption": ("rnncap.sample", "caption photos with a trained checkpoint"),
+    "evaluate": ("rnncap.evaluate", "COCO metrics, diversity and an HTML report on a split"),
+    "bench": ("rnncap.bench", "time a training step and decoding against PyTorch"),
+}
+
+
+# ---- argparse types shared by every subcommand --------------------------------------
+
+def positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return v
+
+
+def unit_float(text):
+    """A probability-like value in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+# ---- entry point --------------------------------------------------------------------
+
+def build_parser():
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="rnncap",
+        description="Recurrent image captioning from scratch in NumPy.")
+    parser.add_argument("--version", action="version", version=f"rnncap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (modname, help_text) in COMMANDS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name == modname:  # command not built into this version
+                continue
+            raise
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except RnncapError as e:
+        print(f"rnncap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = {"torch": "vision", "PIL": "vision", "h5py": "vision",
+                 "pycocoevalcap": "eval", "matplotlib": "report", "cupy": "gpu"}.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"rnncap {args.command}: error: this needs the package {e.name!r}; "
+              f"install it with: pip install 'rnncap[{extra}]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rnncap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The captioning model: image features in, a caption out, word by word.
+
+Read top to bottom: the constructor and its parameters, the training loss with its
+backward pass through time, then the two small pieces the decoders use
+(``init_state`` and ``step``) and greedy ``sample``.
+
+    features --W_proj--> h0
+    <START> w1 w2 ... --W_embed--> word vectors --RNN/LSTM--> h_t --W_vocab--> scores
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import layers as L
+from .backend import get_array_module, to_device, to_numpy, xp_for
+
+CELLS = ("rnn", "lstm")
+
+
+class CaptioningModel:
+    """A recurrent image captioner (vanilla RNN or LSTM) in NumPy/CuPy.
+
+    ``params`` is a plain dict of arrays (k = 1 for rnn, 4 for lstm):
+    W_proj (D, H), b_proj (H,), W_embed (V, W), Wx (W, kH), Wh (H, kH), b (kH,),
+    W_vocab (H, V), b_vocab (V,).
+
+    Options beyond the homework: ``dropout`` (applied to the word vectors and to the
+    hidden states before the vocabulary layer, training only) and ``label_smoothing``.
+    """
+
+    def __init__(self, vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type="rnn",
+                 null_id=0, start_id=1, end_id=2, dtype=np.float32, seed=None,
+                 dropout=0.0, label_smoothing=0.0):
+        if cell_type not in CELLS:
+            raise ValueError(f"cell_type must be one of {CELLS}, got {cell_type!r}")
+        for name, v in (("vocab_size", vocab_size), ("input_dim", input_dim),
+                        ("wordvec_dim", wordvec_dim), ("hidden_dim", hidden_dim)):
+            if int(v) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.vocab_size, self.input_dim = int(vocab_size), int(input_dim)
+        self.wordvec_dim, self.hidden_dim = int(wordvec_dim), int(hidden_dim)
+        self.cell_type = cell_type
+        self.null_id, self.start_id, self.end_id = null_id, start_id, end_id
+        self.dtype = np.dtype(dtype)
+        self.dropout = float(dropout)
+        self.label_smoothing = float(label_smoothing)
+        # Dropout masks come from this generator, so its state is part of a checkpoint.
+        self.rng = np.random.default_rng(seed)
+
+        V, D, W, H = self.vocab_size, self.input_dim, self.wordvec_dim, self.hidden_dim
+        k = 4 if cell_type == "lstm" else 1
+        init = np.random.default_rng(seed)
+        # Scaled so every pre-activation starts with unit-order variance.
+        p = {
+            "W_proj": init.standard_normal((D, H)) / np.sqrt(D),
+            "b_proj": np.zeros(H),
+            "W_embed": init.standard_normal((V, W)) / 100.0,
+            "Wx": init.standard_normal((W, k * H)) / np.sqrt(W),
+            "Wh": init.standard_normal((H, k * H)) / np.sqrt(H),
+            "b": np.zeros(k * H),
+            "W_vocab": init.standard_normal((H, V)) / np.sqrt(H),
+            "b_vocab": np.zeros(V),
+        }
+        self.params = {name: v.astype(self.dtype) for name, v in p.items()}
+
+    # -- device ----------------------------------------------------------------------
+
+    @property
+    def xp(self):
+        return get_array_module(self.params["W_vocab"])
+
+    def to(self, device):
+        """Move the parameters to "cpu" (NumPy) or "gpu" (CuPy). Returns self."""
+        xp = xp_for(device)
+        self.params = {k: to_device(v, xp) for k, v in self.params.items()}
+        return self
+
+    # -- training loss ---------------------------------------------------------------
+
+    def loss(self, features, captions, train=True):
+        """Loss and gradients for a minibatch.
+
+        features: (N, D) image features; captions: (N, T+1) int ids, each starting
+        with <START>. The model reads captions[:, :-1] and predicts captions[:, 1:];
+        <NULL> targets are masked out. Dropout is active only when ``train`` is true.
+
+        Returns (loss, grads) with grads keyed like ``params``.
+        """
+        xp = self.xp
+        p = self.params
+        features = xp.asarray(features, dtype=self.dtype)
+        captions = xp.asarray(captions)
+        self._check_inputs(features, captions)
+        captions_in, captions_out = captions[:, :-1], captions[:, 1:]
+        mask = captions_out != self.null_id
+        drop = self.dropout if train else 0.0
+
+        # Forward: project, embed, recur, score.
+        h0, c_proj = L.affine_forward(features, p["W_proj"], p["b_proj"])
+        x, c_embed = L.word_embedding_forward(captions_in, p["W_embed"])
+        x, c_drop_x = L.dropout_forward(x, drop, self.rng)
+        recur_fwd, recur_bwd = ((L.lstm_forward, L.lstm_backward) if self.cell_type == "lstm"
+                                else (L.rnn_forward, L.rnn_backward))
+        h, c_recur = recur_fwd(x, h0, p["Wx"], p["Wh"], p["b"])
+        h, c_drop_h = L.dropout_forward(h, drop, self.rng)
+        scores, c_vocab = L.temporal_affine_forward(h, p["W_vocab"], p["b_vocab"])
+        loss, dscores = L.temporal_softmax_loss(scores, captions_out, mask,
+                                                label_smoothing=self.label_smoothing)
+
+        # Backward through time, in reverse order of the forward pass.
+        grads = {}
+        dh, grads["W_vocab"], grads["b_vocab"] = L.temporal_affine_backward(dscores, c_vocab)
+        dh = L.dropout_backward(dh, c_drop_h)
+        dx, dh0, grads["Wx"], grads["Wh"], grads["b"] = recur_bwd(dh, c_recur)
+        dx = L.dropout_backward(dx, c_drop_x)
+        grads["W_embed"] = L.word_embedding_backward(dx, c_embed)
+        _, grads["W_proj"], grads["b_proj"] = L.affine_backward(dh0, c_proj)
+        return loss, grads
+
+    def _check_inputs(self, features, captions):
+        if features.ndim != 2 or features.shape[1] != self.input_dim:
+            raise ValueError(f"features must be (N, {self.input_dim}); got shape "
+                             f"{tuple(features.shape)} (was the model trained on another "
+                             f"encoder or PCA size?)")
+        if captions.ndim != 2 or captions.shape[0] != features.shape[0] or captions.shape[1] < 2:
+            raise ValueError(f"captions must be (N, T+1) with N={features.shape[0]} and T >= 1; "
+                             f"got shape {tuple(captions.shape)}")
+
+    # -- decoding --------------------------------------------------------------------
+
+    def init_state(self, features):
+        """Decoder state for a batch of images: h0 = features @ W_proj + b_proj, and
+        for the LSTM a zero cell. Returns a tuple of (N, H) arrays."""
+        xp = self.xp
+        features = xp.asarray(features, dtype=self.dtype)
+        self._check_inputs(features, xp.zeros((features.shape[0], 2), dtype=np.int64))
+        h0, _ = L.affine_forward(features, self.params["W_proj"], self.params["b_proj"])
+        if self.cell_type == "lstm":
+            return (h0, xp.zeros_like(h0))
+        return (h0,)
+
+    def step(self, words, state):
+        """One decoding step through the training math.
+
+        words: (N,) int ids fed at this step; state: from ``init_state`` or ``step``.
+        Returns scores (N, V) for the next word and the new state.
+        """
+        p = self.params
+        x = p["W_embed"][words]
+        if self.cell_type == "lstm":
+            h, c, _ = L.lstm_step_forward(x, state[0], state[1], p["Wx"], p["Wh"], p["b"])
+            new_state = (h, c)
+        else:
+            h, _ = L.rnn_step_forward(x, state[0], p["Wx"], p["Wh"], p["b"])
+            new_state = (h,)
+        scores, _ = L.affine_forward(h, p["W_vocab"], p["b_vocab"])
+        return scores, new_state
+
+    def sample(self, features, max_length=30):
+        """Greedy captions: (N, max_length) int ids, without <START>, padded with
+        <NULL> after <END> (the <END> itself is kept)."""
+        from .decoding import greedy_decode
+
+        return greedy_decode(self, features, max_length=max_length)
+
+    # -- (de)serialisation helpers ----------------------------------------------------
+
+    def config(self):
+        """The constructor arguments, as plain JSON-able values."""
+        return {
+            "vocab_size": self.vocab_size, "input_dim": self.input_dim,
+            "wordvec_dim": self.wordvec_dim, "hidden_dim": self.hidden_dim,
+            "cell_type": self.cell_type, "null_id": self.null_id,
+            "start_id": self.start_id, "end_id": self.end_id,
+            "dtype": self.dtype.name, "dropout": self.dropout,
+            "label_smoothing": self.label_smoothing,
+        }
+
+    def numpy_params(self):
+        """Parameters as host NumPy arrays (for checkpoints)."""
+        return {k: to_numpy(v) for k, v in self.params.items()}
