@@ -1,0 +1,121 @@
+"""Captioning new photos: ``Captioner`` and the ``rnncap caption`` command.
+
+Read top to bottom: a checkpoint gives the decoder, the vocabulary, the encoder's
+identity and the PCA; a photo goes through the very same path as at training time
+(``load_image`` -> ``encoder.preprocess``/``encode`` -> ``apply_pca``), then the
+decoder writes the caption.
+
+    from rnncap.sample import Captioner
+    Captioner.from_checkpoint("runs/train/best.npz").caption("photo.jpg")
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from .errors import CheckpointError, RnncapError
+
+
+class Captioner:
+    """Photo in, caption out, with everything taken from one checkpoint."""
+
+    def __init__(self, model, vocab, encoder, pca=None, max_length=30):
+        self.model, self.vocab, self.encoder, self.pca = model, vocab, encoder, pca
+        self.max_length = max_length
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", weights=None):
+        """Load a checkpoint and the image encoder it was trained with.
+
+        weights: a weights file for encoders that need one supplied (vgg16).
+        """
+        from .checkpoint import load_checkpoint
+        from .encoders import get_encoder
+
+        ckpt = load_checkpoint(path, device=device)
+        ident = ckpt.encoder
+        if not ident:
+            raise CheckpointError(
+                f"{path}: records no image encoder (it was trained on features that came with "
+                f"the dataset), so it can caption features but not photos")
+        encoder = get_encoder(ident["name"], weights=weights)
+        mine = encoder.identity()
+        for key in ("feature_dim", "image_size", "weights_sha256"):
+            if key in ident and key in mine and ident[key] != mine[key]:
+                raise CheckpointError(
+                    f"{path}: trained with encoder {ident['name']} having {key}={ident[key]!r}, "
+                    f"but the encoder available here has {mine[key]!r}")
+        expected = ckpt.pca["components"].shape[1] if ckpt.pca is not None else encoder.feature_dim
+        if expected != ckpt.model.input_dim:
+            raise CheckpointError(f"{path}: the model expects {ckpt.model.input_dim}-d features "
+                                  f"but its encoder and PCA give {expected}-d")
+        data_cfg = ckpt.configs.get("data") or {}
+        max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
+        return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length)
+
+    def features(self, images):
+        """Encoder features (after PCA, if any) for a list of paths / PIL images:
+        (N, D) float32, exactly as ``rnncap features`` computes them."""
+        from .features import apply_pca
+        from .images import load_image
+
+        feats = self.encoder.encode([load_image(im) for im in images])
+        return apply_pca(feats, self.pca) if self.pca is not None else feats
+
+    def caption_features(self, features, beam=3, max_length=None):
+        """Captions (strings) for a batch of feature rows."""
+        from .decoding import beam_decode, greedy_decode
+
+        L = max_length or self.max_length
+        if beam <= 1:
+            ids = greedy_decode(self.model, features, max_length=L)
+        else:
+            ids = beam_decode(self.model, features, beam_size=beam, max_length=L)
+        return [self.vocab.decode(row) for row in ids]
+
+    def caption(self, image, beam=3, max_length=None):
+        """The caption of one photo (a path or a PIL image)."""
+        return self.caption_features(self.features([image]), beam=beam, max_length=max_length)[0]
+
+    def caption_many(self, images, beam=3, max_length=None, batch_size=16):
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += self.caption_features(self.features(images[i:i + batch_size]), beam=beam,
+                                         max_length=max_length)
+        return out
+
+
+def add_arguments(p):
+    from .cli import positive_int
+
+    p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
+    p.add_argument("--beam", type=positive_int, default=3, help="beam size; 1 = greedy (default %(default)s)")
+    p.add_argument("--max-length", type=positive_int, help="most words per caption (default: from training)")
+    p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of {photo, caption}")
+
+
+def run(args):
+    from .errors import DataError
+    from .images import load_image
+
+    cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
+    results, failed = [], 0
+    for path in args.photos:
+        try:
+            image = load_image(path)
+        except DataError as e:  # one bad photo should not cost the others their captions
+            print(f"rnncap caption: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        caption = cap.caption(image, beam=args.beam, max_length=args.max_length)
+        if args.json:
+            results.append({"photo": path, "caption": caption})
+        else:
+            print(f"{path}\t{caption}", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 1 if failed else 0

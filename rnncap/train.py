@@ -1,0 +1,487 @@
+"""Training: a generic minibatch trainer and the ``rnncap train`` command.
+
+Read top to bottom: ``Trainer`` (which knows nothing of captions: it sees inputs,
+targets, an index from target rows to input rows, and a model with ``params`` and
+``loss(inputs, targets)``), then the command that builds the captioning pieces around
+it (data, vocabulary, features, model, checkpoints).
+
+Resume is exact: the shuffling order of an epoch is derived from (seed, epoch), the
+dropout generator's state and the optimizer state are saved, so k steps + resume + m
+steps give bitwise the parameters of k + m uninterrupted steps.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import optim
+from .config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .errors import RnncapError, TrainingDiverged
+
+
+class Trainer:
+    """Minibatch training with validation, checkpoints and exact resume.
+
+    model: has ``params`` (dict of arrays) and ``loss(X, y, train=True) -> (loss, grads)``.
+    train: (inputs, targets, index): the batch for rows ``b`` of targets is
+        ``(inputs[index[b]], targets[b])``.
+    val: the same form, or None.
+    checkpoint_fn(path, state): writes a checkpoint; ``state`` is what ``restore`` takes.
+    count_fn(targets_batch) -> int: units for the throughput figure (default: rows).
+    """
+
+    def __init__(self, model, train, cfg: TrainConfig, val=None, out_dir=None,
+                 checkpoint_fn=None, count_fn=None, unit="samples", val_fn=None,
+                 select=("val_loss", "min"), progress=None, log=None):
+        if cfg.optimizer not in optim.RULES:
+            raise RnncapError(f"optimizer must be one of {sorted(optim.RULES)}, got {cfg.optimizer!r}")
+        self.model, self.cfg = model, cfg
+        self.train_data, self.val_data = train, val
+        self.out_dir = out_dir
+        self.checkpoint_fn = checkpoint_fn
+        self.count_fn = count_fn or (lambda y: len(y))
+        self.unit = unit
+        self.val_fn = val_fn
+        self.select_key, self.select_mode = select
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.epoch = 0            # epochs completed
+        self.iteration = 0        # updates done
+        self.opt_state = {k: {} for k in model.params}
+        self.history = {"iteration": [], "train_loss": [], "epoch": [], "val_loss": [],
+                        "val_iteration": []}
+        self.best = None
+        n = len(train[1])
+        if n == 0:
+            raise RnncapError("no training examples: the training split is empty")
+        self.iters_per_epoch = math.ceil(n / cfg.batch_size)
+
+    # -- state for checkpoints ----------------------------------------------------------
+
+    def state(self):
+        return {"epoch": self.epoch, "iteration": self.iteration, "best": self.best,
+                "optimizer": self.opt_state, "history": self.history}
+
+    def restore(self, state):
+        self.epoch = int(state.get("epoch", 0))
+        self.iteration = int(state.get("iteration", 0))
+        self.best = state.get("best")
+        xp = self.model.xp
+        opt = state.get("optimizer") or {}
+        self.opt_state = {k: {kk: (xp.asarray(vv) if hasattr(vv, "shape") else vv)
+                              for kk, vv in opt.get(k, {}).items()} for k in self.model.params}
+        if state.get("history"):
+            self.history = {k: list(v) for k, v in state["history"].items()}
+            for k in ("iteration", "train_loss", "epoch", "val_loss", "val_iteration"):
+                self.history.setdefault(k, [])
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def lr(self, epoch):
+        return self.cfg.lr * (self.cfg.lr_decay ** epoch)
+
+    def _batches(self, epoch):
+        """Row indices of each minibatch of an epoch, from a generator seeded by
+        (seed, epoch) so a resumed run sees the same order."""
+        n = len(self.train_data[1])
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+        B = self.cfg.batch_size
+        return [perm[i:i + B] for i in range(0, n, B)]
+
+    def step(self, rows, lr):
+        X, y, index = self.train_data
+        loss, grads = self.model.loss(X[index[rows]], y[rows])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss} at iteration {self.iteration + 1} (epoch {self.epoch + 1}); "
+                f"stopped without saving, the last good checkpoint is kept"
+                + (f" in {self.out_dir}" if self.out_dir else "")
+                + ". Try a lower --lr or --clip")
+        if self.cfg.weight_decay:
+            grads = {k: (g + self.cfg.weight_decay * self.model.params[k]
+                         if self.model.params[k].ndim > 1 else g) for k, g in grads.items()}
+        grads, norm = optim.clip_by_global_norm(grads, self.cfg.clip_norm)
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"gradient norm became {norm} at iteration {self.iteration + 1}; "
+                                   f"stopped without saving, the last good checkpoint is kept")
+        rule = optim.RULES[self.cfg.optimizer]
+        kw = {"momentum": self.cfg.momentum} if self.cfg.optimizer == "sgd" else {}
+        for k, w in self.model.params.items():
+            self.model.params[k], self.opt_state[k] = rule(w, grads[k], self.opt_state[k], lr=lr, **kw)
+        self.iteration += 1
+        return loss, norm
+
+    def validate(self):
+        """Mean per-example validation loss (no dropout), plus val_fn's metrics."""
+        out = {}
+        if self.val_data is not None and len(self.val_data[1]):
+            X, y, index = self.val_data
+            total, n = 0.0, 0
+            for i in range(0, len(y), 512):
+                rows = np.arange(i, min(i + 512, len(y)))
+                loss, _ = self.model.loss(X[index[rows]], y[rows], train=False)
+                total += loss * len(rows)
+                n += len(rows)
+            out["val_loss"] = total / n
+        if self.val_fn is not None:
+            out.update(self.val_fn(self.model))
+        return out
+
+    def fit(self):
+        """Train until cfg.epochs (or cfg.max_iters). Returns the history."""
+        cfg = self.cfg
+        stop = False
+        while self.epoch < cfg.epochs and not stop:
+            batches = self._batches(self.epoch)
+            start = self.iteration - self.epoch * self.iters_per_epoch
+            lr = self.lr(self.epoch)
+            bar = _progress(len(batches), start, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress)
+            t0, units = time.perf_counter(), 0
+            for b in range(start, len(batches)):
+                loss, norm = self.step(batches[b], lr)
+                units += int(self.count_fn(self.train_data[1][batches[b]]))
+                self.history["iteration"].append(self.iteration)
+                self.history["train_loss"].append(float(loss))
+                self.history["epoch"].append(self.epoch + (b + 1) / len(batches))
+                rate = units / max(time.perf_counter() - t0, 1e-9)
+                bar.update(loss, rate, self.unit)
+                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    self._save("last.npz")
+                if cfg.max_iters and self.iteration >= cfg.max_iters:
+                    stop = True
+                    break
+            bar.close()
+            if stop and self.iteration < (self.epoch + 1) * self.iters_per_epoch:
+                self._save("last.npz")
+                break
+            self.epoch += 1
+            metrics = self.validate()
+            self.history["val_iteration"].append(self.iteration)
+            self.history["val_loss"].append(metrics.get("val_loss"))
+            for k, v in metrics.items():
+                if k != "val_loss":
+                    self.history.setdefault(k, []).append(v)
+            msg = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.log(f"epoch {self.epoch}/{cfg.epochs}: train loss {self.history['train_loss'][-1]:.4f}"
+                     + (f", {msg}" if msg else "") + f", lr {lr:.2e}")
+            improved = self._is_better(metrics.get(self.select_key))
+            if improved:
+                self.best = {"epoch": self.epoch, "iteration": self.iteration,
+                             self.select_key: metrics.get(self.select_key)}
+            self._save("last.npz")
+            if improved:
+                self._save("best.npz")
+            self._write_logs()
+        return self.history
+
+    def _is_better(self, value):
+        if value is None:  # nothing to select on: the latest epoch counts as best
+            return True
+        if self.best is None or self.best.get(self.select_key) is None:
+            return True
+        prev = self.best[self.select_key]
+        return value < prev if self.select_mode == "min" else value > prev
+
+    def _save(self, name):
+        if self.checkpoint_fn is not None and self.out_dir:
+            self.checkpoint_fn(os.path.join(self.out_dir, name), self.state())
+
+    def _write_logs(self):
+        if not self.out_dir:
+            return
+        path = os.path.join(self.out_dir, "log.csv")
+        tmp = path + ".tmp"
+        h = self.history
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["iteration", "epoch", "train_loss"])
+            for row in zip(h["iteration"], h["epoch"], h["train_loss"]):
+                w.writerow(row)
+        os.replace(tmp, path)
+        with open(os.path.join(self.out_dir, "val_log.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            keys = [k for k in h if k not in ("iteration", "epoch", "train_loss", "val_iteration")]
+            w.writerow(["iteration"] + keys)
+            for i, it in enumerate(h["val_iteration"]):
+                w.writerow([it] + [h[k][i] if i < len(h[k]) else "" for k in keys])
+        plot_history(h, os.path.join(self.out_dir, "loss.png"))
+
+
+class _progress:
+    """A tqdm bar when wanted and available, else nothing."""
+
+    def __init__(self, total, initial, desc, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
+                                dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, loss, rate, unit):
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f}, {rate:,.0f} {unit}/s", refresh=False)
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_history(history, path):
+    """PNG of the training and validation loss curves (needs matplotlib; skipped without)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(history["iteration"], history["train_loss"], lw=0.8, alpha=0.7, label="train")
+    vals = [(i, v) for i, v in zip(history.get("val_iteration", []), history.get("val_loss", []))
+            if v is not None]
+    if vals:
+        ax.plot(*zip(*vals), "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss per caption")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ======================================================================================
+# The captioning side: ``rnncap train``
+# ======================================================================================
+
+def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("train", "val"),
+                 pca=True):
+    """Encode captions and line them up with feature rows.
+
+    Returns {split: (features (n, D) float32, captions (M, T+1) int32, image_idx (M,))},
+    the encoder identity and the PCA (both None for datasets that ship features).
+    """
+    from .datasets import encode_split
+
+    out, encoder, pca_params = {}, None, None
+    for name in splits:
+        if name not in dataset.splits:
+            if name == "train":
+                raise RnncapError(f"{data_cfg.captions}: the dataset has no 'train' split "
+                                  f"(splits: {', '.join(dataset.splits) or 'none'})")
+            continue
+        split = dataset.splits[name]
+        caps, img_idx, stats = encode_split(split, vocab, data_cfg.max_length, data_cfg.too_long)
+        if split.features is not None:
+            feats = np.asarray(split.features, dtype=np.float32)
+        else:
+            if not features_path:
+                raise RnncapError("--features is required: this dataset ships no features "
+                                  "(make them with `rnncap features`)")
+            feats, encoder, pca_params = _features_for(features_path, name, split, pca)
+        out[name] = (feats, caps, img_idx, stats)
+    return out, encoder, pca_params
+
+
+def _features_for(path, split_name, split, pca):
+    """Rows of the feature cache for a split, in the dataset's image order."""
+    from .features import load_features, read_identity, read_pca
+
+    feats, ids = load_features(path, split_name, pca=pca)
+    pos = {i: k for k, i in enumerate(ids)}
+    missing = [i for i in split.image_ids if i not in pos]
+    if missing:
+        raise RnncapError(f"{path}: {len(missing)} images of split '{split_name}' have no "
+                          f"features (first: {missing[0]}); rerun `rnncap features`")
+    rows = np.fromiter((pos[i] for i in split.image_ids), dtype=np.int64, count=len(split.image_ids))
+    return feats[rows], read_identity(path), (read_pca(path) if pca else None)
+
+
+def add_arguments(p):
+    from .cli import nonneg_int, positive_float, positive_int, unit_float
+
+    d = (DataConfig(), ModelConfig(), TrainConfig())
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=False, help="dataset file or folder (any supported format)")
+    g.add_argument("--features", help="HDF5 feature cache from `rnncap features`")
+    g.add_argument("--no-pca", action="store_true", help="ignore the PCA stored in the feature cache")
+    g.add_argument("--max-length", type=positive_int, default=d[0].max_length,
+                   help="words per caption, <START>/<END> not counted (default %(default)s)")
+    g.add_argument("--too-long", choices=["truncate", "drop"], default=d[0].too_long,
+                   help="what to do with longer captions (default %(default)s)")
+    g.add_argument("--min-count", type=positive_int, default=d[0].min_count,
+                   help="keep words seen at least this often in train (default %(default)s)")
+    g.add_argument("--top-k", type=nonneg_int, default=d[0].top_k,
+                   help="keep at most this many words, 0 = no cap (default %(default)s)")
+    g = p.add_argument_group("model")
+    g.add_argument("--cell", choices=["rnn", "lstm"], default=d[1].cell_type)
+    g.add_argument("--wordvec", type=positive_int, default=d[1].wordvec_dim, help="W (default %(default)s)")
+    g.add_argument("--hidden", type=positive_int, default=d[1].hidden_dim, help="H (default %(default)s)")
+    g.add_argument("--dropout", type=unit_float, default=d[1].dropout)
+    g.add_argument("--label-smoothing", type=unit_float, default=d[1].label_smoothing)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
+    g.add_argument("--lr", type=positive_float, default=d[2].lr, help="(default %(default)s)")
+    g.add_argument("--lr-decay", type=positive_float, default=d[2].lr_decay,
+                   help="learning-rate factor per epoch (default %(default)s)")
+    g.add_argument("--momentum", type=unit_float, default=d[2].momentum, help="for sgd")
+    g.add_argument("--weight-decay", type=float, default=d[2].weight_decay)
+    g.add_argument("--clip", type=float, default=d[2].clip_norm,
+                   help="global gradient-norm clip, 0 = off (default %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d[2].batch_size)
+    g.add_argument("--epochs", type=positive_int, default=d[2].epochs)
+    g.add_argument("--max-iters", type=nonneg_int, default=0, help="stop after this many updates in total")
+    g.add_argument("--checkpoint-every", type=nonneg_int, default=0,
+                   help="also save last.npz every this many updates (default: each epoch)")
+    g.add_argument("--seed", type=int, default=d[2].seed)
+    g.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--out", default="runs/train", help="output folder (default %(default)s)")
+    p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
+                   "configs, vocab and state come from it, --epochs may extend the run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args):
+    from .checkpoint import load_checkpoint
+    from .datasets import load_dataset
+    from .model import CaptioningModel
+    from .vocab import Vocab
+
+    if args.weight_decay < 0 or args.clip < 0:
+        raise RnncapError("--weight-decay and --clip must be >= 0")
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        data_cfg = from_dict(DataConfig, ckpt.configs.get("data"))
+        model_cfg = from_dict(ModelConfig, ckpt.configs.get("model"))
+        train_cfg = from_dict(TrainConfig, ckpt.configs.get("train"))
+        if args.epochs != TrainConfig().epochs:
+            train_cfg.epochs = args.epochs
+        if args.max_iters:
+            train_cfg.max_iters = args.max_iters
+        if args.data:
+            data_cfg.captions = args.data
+        if args.features:
+            data_cfg.features = args.features
+        pca = ckpt.pca is not None
+    else:
+        if not args.data:
+            raise RnncapError("--data is required (or --resume CKPT)")
+        data_cfg = DataConfig(captions=args.data, features=args.features or "",
+                              max_length=args.max_length, too_long=args.too_long,
+                              min_count=args.min_count, top_k=args.top_k)
+        model_cfg = ModelConfig(cell_type=args.cell, wordvec_dim=args.wordvec,
+                                hidden_dim=args.hidden, dropout=args.dropout,
+                                label_smoothing=args.label_smoothing)
+        train_cfg = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                                lr_decay=args.lr_decay, weight_decay=args.weight_decay,
+                                clip_norm=args.clip, batch_size=args.batch_size,
+                                epochs=args.epochs, seed=args.seed,
+                                checkpoint_every=args.checkpoint_every,
+                                max_iters=args.max_iters, device=args.device)
+        pca = not args.no_pca
+
+    dataset = load_dataset(data_cfg.captions)
+    if ckpt is not None:
+        vocab = ckpt.vocab
+        check_vocab_matches(vocab, dataset, data_cfg, args.resume)
+    else:
+        vocab = dataset_vocab(dataset, data_cfg)
+    data, encoder, pca_params = prepare_data(dataset, vocab, data_cfg.features, data_cfg, pca=pca)
+    train_feats, train_caps, train_idx, stats = data["train"]
+    _print_data_summary(dataset, vocab, data, stats)
+
+    if ckpt is not None:
+        model = ckpt.model
+        if model.input_dim != train_feats.shape[1]:
+            raise RnncapError(f"{data_cfg.features}: features are {train_feats.shape[1]}-d but the "
+                              f"checkpoint {args.resume} expects {model.input_dim}-d")
+    else:
+        model_cfg.input_dim, model_cfg.vocab_size = int(train_feats.shape[1]), len(vocab)
+        model = CaptioningModel(len(vocab), model_cfg.input_dim, model_cfg.wordvec_dim,
+                                model_cfg.hidden_dim, cell_type=model_cfg.cell_type,
+                                null_id=vocab.null_id, start_id=vocab.start_id,
+                                end_id=vocab.end_id, dtype=np.dtype(model_cfg.dtype),
+                                seed=train_cfg.seed, dropout=model_cfg.dropout,
+                                label_smoothing=model_cfg.label_smoothing)
+    if train_cfg.device != "cpu":
+        model.to(train_cfg.device)
+
+    configs = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": to_dict(data_cfg)}
+    if ckpt is not None:
+        encoder = encoder or ckpt.encoder
+        pca_params = pca_params if pca_params is not None else ckpt.pca
+
+    def checkpoint_fn(path, state):
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(path, model, vocab, encoder=encoder, pca=pca_params, configs=configs,
+                        train_state={k: v for k, v in state.items() if k != "history"},
+                        history=state["history"])
+
+    null = vocab.null_id
+    val = data.get("val")
+    trainer = Trainer(model, (train_feats, train_caps, train_idx), train_cfg,
+                      val=(val[0], val[1], val[2]) if val else None, out_dir=args.out,
+                      checkpoint_fn=checkpoint_fn, count_fn=lambda y: int((y[:, 1:] != null).sum()),
+                      unit="tok", progress=False if args.quiet else None)
+    if ckpt is not None:
+        state = dict(ckpt.train_state)
+        state["history"] = ckpt.history
+        trainer.restore(state)
+        print(f"resuming from {args.resume} at epoch {trainer.epoch}, iteration {trainer.iteration}",
+              file=sys.stderr)
+    os.makedirs(args.out, exist_ok=True)
+    trainer.fit()
+    print(f"checkpoints in {args.out}: last.npz" + (", best.npz" if trainer.best else ""))
+    return 0
+
+
+def dataset_vocab(dataset, data_cfg):
+    """The dataset's own vocabulary (cs231n ships one), else one built from train."""
+    from .vocab import Vocab
+
+    if dataset.vocab is not None:
+        return dataset.vocab
+    if "train" not in dataset.splits:
+        raise RnncapError(f"{data_cfg.captions}: no 'train' split to build a vocabulary from")
+    refs = [c for caps in dataset.splits["train"].references for c in caps]
+    return Vocab.build(refs, min_count=data_cfg.min_count, top_k=data_cfg.top_k)
+
+
+def check_vocab_matches(vocab, dataset, data_cfg, ckpt_path):
+    """On resume, the data must give the checkpoint's vocabulary back."""
+    fresh = dataset_vocab(dataset, data_cfg)
+    if list(fresh.idx_to_word) != list(vocab.idx_to_word):
+        a, b = list(vocab.idx_to_word), list(fresh.idx_to_word)
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise RnncapError(
+            f"{data_cfg.captions}: its vocabulary ({len(b)} words) does not match the one in "
+            f"{ckpt_path} ({len(a)} words; first difference at id {k}): resume with the "
+            f"dataset the checkpoint was trained on")
+
+
+def _print_data_summary(dataset, vocab, data, stats):
+    parts = [f"vocab {len(vocab)} words"]
+    for name, (feats, caps, _, st) in data.items():
+        parts.append(f"{name}: {feats.shape[0]} images, {caps.shape[0]} captions")
+    msg = "; ".join(parts)
+    dropped = {k: v for k, v in (stats or {}).items() if k != "total" and v}
+    if dropped:
+        msg += " (train captions: " + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")"
+    if getattr(dataset, "skipped_missing", 0):
+        msg += f"; {dataset.skipped_missing} images skipped (files missing)"
+    print(msg, file=sys.stderr)

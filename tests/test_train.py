@@ -1,0 +1,308 @@
+"""Trainer, optimizers and checkpoints: exact resume, divergence, atomic and safe files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+from rnncap import optim
+from rnncap.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from rnncap.config import TrainConfig
+from rnncap.errors import CheckpointError, TrainingDiverged
+from rnncap.model import CaptioningModel
+from rnncap.train import Trainer
+from rnncap.vocab import Vocab
+
+
+def toy_problem(seed=0, n_images=12, n_caps=30, V=20, D=8, T=6):
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n_images, D)).astype(np.float32)
+    caps = rng.integers(4, V, size=(n_caps, T + 1)).astype(np.int32)
+    caps[:, 0] = 1
+    caps[:, -1] = 2
+    caps[::3, -2:] = 0  # some padding
+    caps[::3, -3] = 2
+    idx = rng.integers(0, n_images, size=n_caps)
+    vocab = Vocab.from_words(["<NULL>", "<START>", "<END>", "<UNK>"] + [f"w{i}" for i in range(4, V)])
+    return feats, caps, idx, vocab
+
+
+def make_model(vocab, D=8, cell="lstm", dropout=0.3, seed=3):
+    return CaptioningModel(len(vocab), D, 6, 10, cell_type=cell, seed=seed, dropout=dropout)
+
+
+def make_trainer(model, data, vocab, out, cfg, val=None):
+    def ckpt_fn(path, state):
+        save_checkpoint(path, model, vocab, train_state={k: v for k, v in state.items() if k != "history"},
+                        history=state["history"], configs={"train": cfg.__dict__})
+    return Trainer(model, data, cfg, val=val, out_dir=str(out), checkpoint_fn=ckpt_fn, progress=False,
+                   log=lambda m: None)
+
+
+def resume_trainer(path, data, out, cfg):
+    ck = load_checkpoint(path)
+    tr = make_trainer(ck.model, data, ck.vocab, out, cfg)
+    state = dict(ck.train_state)
+    state["history"] = ck.history
+    tr.restore(state)
+    return tr
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_resume_is_bitwise_exact(tmp_path, optimizer):
+    """k steps, stop, resume, m more == k+m steps without a stop (dropout on, mid-epoch stop)."""
+    feats, caps, idx, vocab = toy_problem()
+    data = (feats, caps, idx)
+    k, total = 5, 11  # 30 captions / batch 8 -> 4 iterations per epoch: k stops mid-epoch 2
+    base = dict(optimizer=optimizer, lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9)
+
+    ref = make_model(vocab)
+    t_ref = make_trainer(ref, data, vocab, tmp_path / "ref", TrainConfig(**base, max_iters=total))
+    t_ref.fit()
+
+    m1 = make_model(vocab)
+    t1 = make_trainer(m1, data, vocab, tmp_path / "a", TrainConfig(**base, max_iters=k))
+    t1.fit()
+    assert t1.iteration == k
+    t2 = resume_trainer(tmp_path / "a" / "last.npz", data, tmp_path / "a", TrainConfig(**base, max_iters=total))
+    assert t2.iteration == k
+    t2.fit()
+    assert t2.iteration == total
+    for name in ref.params:
+        assert np.array_equal(ref.params[name], t2.model.params[name]), name
+    assert t2.history["train_loss"] == t_ref.history["train_loss"]
+
+
+def test_training_reduces_loss_and_writes_logs(tmp_path):
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab, dropout=0.0)
+    cfg = TrainConfig(lr=3e-2, batch_size=10, epochs=15, seed=0)
+    tr = make_trainer(model, (feats, caps, idx), vocab, tmp_path, cfg, val=(feats, caps, idx))
+    h = tr.fit()
+    assert h["val_loss"][-1] < 0.7 * h["val_loss"][0]
+    for f in ("last.npz", "best.npz", "log.csv", "val_log.csv"):
+        assert (tmp_path / f).exists(), f
+    ck = load_checkpoint(tmp_path / "best.npz")
+    assert ck.train_state["best"]["val_loss"] == min(h["val_loss"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab, dropout=0.0)
+    cfg = TrainConfig(lr=1e-2, batch_size=10, epochs=3, seed=0)
+    tr = make_trainer(model, (feats, caps, idx), vocab, tmp_path, cfg)
+    tr.cfg.epochs = 1
+    tr.fit()
+    good = (tmp_path / "last.npz").read_bytes()
+    tr.cfg.epochs = 3
+    model.params["W_vocab"][0, 0] = np.nan
+    with pytest.raises(TrainingDiverged, match=r"iteration 4 \(epoch 2\)"):
+        tr.fit()
+    assert (tmp_path / "last.npz").read_bytes() == good
+    load_checkpoint(tmp_path / "last.npz")
+
+
+def test_clip_by_global_norm():
+    g = {"a": np.array([3.0, 0.0]), "b": np.array([[4.0]])}
+    c, norm = optim.clip_by_global_norm(g, 1.0)
+    assert norm == pytest.approx(5.0)
+    assert np.sqrt(sum((v ** 2).sum() for v in c.values())) == pytest.approx(1.0)
+    assert g["a"][0] == 3.0  # inputs untouched
+    c2, _ = optim.clip_by_global_norm(g, 10.0)
+    assert np.array_equal(c2["a"], g["a"])
+
+
+def test_adam_matches_reference_and_is_pure():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(5)
+    w0 = w.copy()
+    state = {}
+    m = np.zeros(5)
+    v = np.zeros(5)
+    ref = w.copy()
+    for t in range(1, 4):
+        g = rng.standard_normal(5)
+        g0 = g.copy()
+        w, state = optim.adam(w, g, state, lr=0.1)
+        assert np.array_equal(g, g0)
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        mhat, vhat = m / (1 - 0.9 ** t), v / (1 - 0.999 ** t)
+        ref = ref - 0.1 * mhat / (np.sqrt(vhat) + 1e-8)
+    assert np.allclose(w, ref, rtol=1e-6, atol=1e-9)
+    assert not np.array_equal(w, w0)
+
+
+# -- checkpoint files ------------------------------------------------------------------
+
+def saved(tmp_path):
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model, vocab, encoder={"name": "x"}, configs={"data": {"max_length": 5}})
+    return path, model
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    path, model = saved(tmp_path)
+    ck = load_checkpoint(path)
+    for k in model.params:
+        assert np.array_equal(ck.model.params[k], model.params[k])
+    assert ck.encoder == {"name": "x"}
+    assert ck.model.config() == model.config()
+    assert ck.meta["format_version"] == FORMAT_VERSION
+
+
+def _rewrite(path, mutate):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays["__meta__"].tobytes())
+    mutate(arrays, meta)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+def test_checkpoint_errors(tmp_path):
+    path, _ = saved(tmp_path)
+    raw = path.read_bytes()
+    cases = {
+        "missing.npz": None,
+        "trunc.npz": raw[: len(raw) // 2],
+        "text.npz": b"hello, not a checkpoint\n",
+        "empty.npz": b"",
+    }
+    for name, content in cases.items():
+        p = tmp_path / name
+        if content is not None:
+            p.write_bytes(content)
+        with pytest.raises(CheckpointError, match=name):
+            load_checkpoint(p)
+
+    newer = tmp_path / "newer.npz"
+    newer.write_bytes(raw)
+    _rewrite(newer, lambda a, m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError, match="upgrade rnncap"):
+        load_checkpoint(newer)
+
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not an rnncap checkpoint"):
+        load_checkpoint(other)
+
+    shape = tmp_path / "shape.npz"
+    shape.write_bytes(raw)
+    _rewrite(shape, lambda a, m: a.update({"param/Wx": np.zeros((2, 2), np.float32)}))
+    with pytest.raises(CheckpointError, match="'Wx' has shape"):
+        load_checkpoint(shape)
+
+
+def test_pickle_payload_is_refused_and_not_executed(tmp_path):
+    path, _ = saved(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = np.empty(1, dtype=object)
+    evil[0] = Evil()
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["param/W_proj"] = evil
+    bad = tmp_path / "evil.npz"
+    np.savez(bad, **arrays)  # np.savez pickles the object array
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+    # The same payload in the JSON header slot is refused too.
+    arrays["__meta__"] = evil
+    np.savez(bad, **arrays)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    path, model = saved(tmp_path)
+    before = path.read_bytes()
+    feats, caps, idx, vocab = toy_problem()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, vocab)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt-")] == []
+
+
+# -- SIGKILL mid-epoch and mid-save ----------------------------------------------------
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_train import toy_problem, make_model, make_trainer
+    from rnncap.config import TrainConfig
+    import rnncap.checkpoint as C
+    mode, out = sys.argv[1], sys.argv[2]
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab)
+    cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=50, seed=1, checkpoint_every=3)
+    tr = make_trainer(model, (feats, caps, idx), vocab, out, cfg)
+    real_savez = np.savez
+    saves = [0]
+    def slow_savez(f, **arrays):
+        saves[0] += 1
+        if mode == "save" and saves[0] == 3:
+            real_savez(f, **arrays)
+            f.flush()
+            print("IN-SAVE", flush=True)
+            time.sleep(60)  # killed here: the temporary file is written, not renamed
+        return real_savez(f, **arrays)
+    C.np.savez = slow_savez
+    real_step = tr.step
+    def step(rows, lr):
+        r = real_step(rows, lr)
+        if mode == "epoch" and tr.iteration == 10:
+            print("MID-EPOCH", flush=True)
+            time.sleep(60)
+        return r
+    tr.step = step
+    tr.fit()
+""")
+
+
+# 30 captions, batch 8: 4 updates an epoch. Saves happen every 3 updates and at each
+# epoch end: after updates 3, 4, 6, 8, 9, ... "epoch" is killed after update 10 (last
+# save: 9); "save" is killed inside its third save (update 6), so the last complete one
+# is from update 4.
+@pytest.mark.parametrize("mode,marker,expected", [("epoch", "MID-EPOCH", 9), ("save", "IN-SAVE", 4)])
+def test_sigkill_keeps_a_loadable_checkpoint_and_resume_works(tmp_path, mode, marker, expected):
+    out = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(tests=os.path.dirname(__file__)))
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(out)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert marker in line
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ck = load_checkpoint(out / "last.npz")
+    it = ck.train_state["iteration"]
+    assert it == expected
+    feats, caps, idx, vocab = toy_problem()
+    cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=50, seed=1, checkpoint_every=3, max_iters=it + 4)
+    tr = resume_trainer(out / "last.npz", (feats, caps, idx), out, cfg)
+    tr.fit()
+    assert tr.iteration == it + 4
+    assert load_checkpoint(out / "last.npz").train_state["iteration"] == it + 4
