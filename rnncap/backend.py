@@ -40,8 +40,10 @@ def xp_for(device: str):
         return np
     if device in ("gpu", "cuda", "cupy"):
         if cupy is None:
-            raise RuntimeError("device 'gpu' asked for, but CuPy with a CUDA device is not available "
-                               "(install the extra: pip install 'rnncap[gpu]')")
+            from .errors import DeviceUnavailable
+
+            raise DeviceUnavailable("device 'gpu' asked for, but CuPy with a CUDA device is not available "
+                                    "(install the extra: pip install 'rnncap[gpu]')")
         return cupy
     raise ValueError(f"unknown device {device!r}: use 'cpu' or 'gpu'")
 

@@ -19,3 +19,7 @@ class CheckpointError(RnncapError):
 
 class TrainingDiverged(RnncapError):
     """The loss became NaN or infinite."""
+
+
+class DeviceUnavailable(RnncapError, RuntimeError):
+    """A device (GPU) was asked for but is not usable here."""

@@ -20,7 +20,12 @@ The sequence layers only differ from a loop of steps in *where* the matmuls happ
 """
 from __future__ import annotations
 
-from .backend import get_array_module
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
 
 
 # ----------------------------------------------------------------------------------
@@ -33,7 +38,7 @@ def affine_forward(x, w, b):
     x: (N, D) (or (N, d1, ..., dk), flattened to D = d1*...*dk); w: (D, M); b: (M,).
     Returns out (N, M) and a cache for the backward pass.
     """
-    x2 = x.reshape(x.shape[0], -1)
+    x2 = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also right for N = 0
     out = x2 @ w
     out += b
     return out, (x, w)
@@ -42,7 +47,7 @@ def affine_forward(x, w, b):
 def affine_backward(dout, cache):
     """Backward of ``affine_forward``. dout: (N, M). Returns dx (shape of x), dw, db."""
     x, w = cache
-    x2 = x.reshape(x.shape[0], -1)
+    x2 = x.reshape(x.shape[0], math.prod(x.shape[1:]))
     dx = (dout @ w.T).reshape(x.shape)
     dw = x2.T @ dout
     db = dout.sum(axis=0)
@@ -77,70 +82,98 @@ def temporal_affine_backward(dout, cache):
 # ----------------------------------------------------------------------------------
 
 def _sigmoid_inplace(a, xp):
-    """Numerically stable logistic sigmoid, written into ``a``.
+    """Logistic sigmoid 1 / (1 + exp(-a)), written into ``a``.
 
-    sigmoid(z) = (1 + tanh(z/2)) / 2 never overflows (unlike 1/(1+exp(-z)) for very
-    negative z) and costs one transcendental per element.
+    For very negative ``a`` exp(-a) overflows to inf and the result is the correct 0;
+    the overflow warning is silenced. This costs one exp per element, which NumPy
+    evaluates faster than tanh (the other common form, (1 + tanh(a/2)) / 2).
     """
-    a *= 0.5
-    xp.tanh(a, out=a)
+    xp.negative(a, out=a)
+    with np.errstate(over="ignore"):
+        xp.exp(a, out=a)
     a += 1.0
-    a *= 0.5
-    return a
+    return xp.reciprocal(a, out=a)
 
 
-def _rnn_cell_forward(a):
-    """tanh cell. a: (N, H) pre-activation (owned by the caller, overwritten)."""
+def _rnn_cell_forward(a, out=None):
+    """tanh cell: next_h = tanh(a). a: (N, H) pre-activation, owned by the caller;
+    the result goes to ``out`` (N, H) if given, else over ``a``."""
     xp = get_array_module(a)
-    return xp.tanh(a, out=a)
+    return xp.tanh(a, out=a if out is None else out)
 
 
-def _rnn_cell_backward(dnext_h, next_h):
-    """Gradient with respect to the pre-activation: dnext_h * (1 - next_h**2)."""
-    return dnext_h * (1.0 - next_h * next_h)
+def _rnn_cell_backward(dnext_h, next_h, out=None):
+    """Gradient with respect to the pre-activation: dnext_h * (1 - next_h**2),
+    written into ``out`` (N, H) if given."""
+    xp = get_array_module(dnext_h, next_h)
+    da = xp.multiply(next_h, next_h, out=out)
+    xp.subtract(1.0, da, out=da)
+    da *= dnext_h
+    return da
 
 
-def _lstm_cell_forward(a, prev_c):
+def _lstm_cell_forward(a, prev_c, out=None):
     """LSTM gates. a: (N, 4H) pre-activation ordered i, f, o, g (overwritten in place
-    with the gate activations); prev_c: (N, H).
+    with the gate activations); prev_c: (N, H). ``out``: optional (next_h, next_c,
+    tanh_c) buffers, each (N, H), for the results.
 
     Returns next_h, next_c and the cell cache (act, prev_c, tanh(next_c)).
     """
     xp = get_array_module(a, prev_c)
-    H = a.shape[1] // 4
+    N, H = a.shape[0], a.shape[1] // 4
+    if out is None:
+        dtype = xp.result_type(a, prev_c)
+        out = tuple(xp.empty((N, H), dtype=dtype) for _ in range(3))
+    next_h, next_c, tanh_c = out
     act = a
     _sigmoid_inplace(act[:, :3 * H], xp)
     xp.tanh(act[:, 3 * H:], out=act[:, 3 * H:])
     i, f, o, g = act[:, :H], act[:, H:2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
-    next_c = f * prev_c
-    next_c += i * g
-    tanh_c = xp.tanh(next_c)
-    next_h = o * tanh_c
+    xp.multiply(f, prev_c, out=next_c)
+    xp.multiply(i, g, out=tanh_c)  # tanh_c is scratch until the last two lines
+    next_c += tanh_c
+    xp.tanh(next_c, out=tanh_c)
+    xp.multiply(o, tanh_c, out=next_h)
     return next_h, next_c, (act, prev_c, tanh_c)
 
 
-def _lstm_cell_backward(dnext_h, dnext_c, cell_cache):
-    """Backward of ``_lstm_cell_forward``. Returns da (N, 4H) and dprev_c (N, H)."""
+def _lstm_cell_backward(dnext_h, dnext_c, cell_cache, out=None):
+    """Backward of ``_lstm_cell_forward``. Returns da (N, 4H) and dprev_c (N, H).
+
+    ``out``: optional (da, dprev_c, work) buffers, shaped (N, 4H), (N, H) and
+    (N, 3H); dprev_c may be the very buffer that holds dnext_c (it is read first).
+    """
     act, prev_c, tanh_c = cell_cache
-    xp = get_array_module(act)
-    H = act.shape[1] // 4
+    xp = get_array_module(act, dnext_h, dnext_c)
+    N, H = act.shape[0], act.shape[1] // 4
+    if out is None:
+        dtype = xp.result_type(act, dnext_h, dnext_c)
+        out = (xp.empty((N, 4 * H), dtype=dtype), xp.empty((N, H), dtype=dtype),
+               xp.empty((N, 3 * H), dtype=dtype))
+    da, dprev_c, work = out
     i, f, o, g = act[:, :H], act[:, H:2 * H], act[:, 2 * H:3 * H], act[:, 3 * H:]
-    # dc = dnext_c + dnext_h * o * (1 - tanh_c**2)
-    dc = tanh_c * tanh_c
-    dc -= 1.0
+    di, df, do, dg = da[:, :H], da[:, H:2 * H], da[:, 2 * H:3 * H], da[:, 3 * H:]
+    # dc = dnext_c + dnext_h * o * (1 - tanh_c**2), kept in the dg slot for now.
+    dc = dg
+    xp.multiply(tanh_c, tanh_c, out=dc)
+    xp.subtract(1.0, dc, out=dc)
     dc *= o
     dc *= dnext_h
-    xp.subtract(dnext_c, dc, out=dc)
-    da = xp.empty_like(act)
-    xp.multiply(dc, g, out=da[:, :H])              # d i
-    xp.multiply(dc, prev_c, out=da[:, H:2 * H])    # d f
-    xp.multiply(dnext_h, tanh_c, out=da[:, 2 * H:3 * H])  # d o
-    xp.multiply(dc, i, out=da[:, 3 * H:])          # d g
+    dc += dnext_c
+    xp.multiply(dc, g, out=di)
+    xp.multiply(dc, prev_c, out=df)
+    xp.multiply(dnext_h, tanh_c, out=do)
+    xp.multiply(dc, f, out=dprev_c)
+    xp.multiply(dc, i, out=dg)
     # Through the nonlinearities: sigmoid' = s(1-s), tanh' = 1-t^2.
     s = act[:, :3 * H]
-    da[:, :3 * H] *= s * (1.0 - s)
-    da[:, 3 * H:] *= 1.0 - g * g
-    dprev_c = dc * f
+    xp.subtract(1.0, s, out=work)
+    work *= s
+    da[:, :3 * H] *= work
+    t2 = work[:, :H]
+    xp.multiply(g, g, out=t2)
+    xp.subtract(1.0, t2, out=t2)
+    dg *= t2
     return da, dprev_c
 
 
@@ -171,73 +204,132 @@ def rnn_step_backward(dnext_h, cache):
     return da @ Wx.T, da @ Wh.T, x.T @ da, prev_h.T @ da, da.sum(axis=0)
 
 
-def _recurrent_forward(x, h0, Wx, Wh, b, cell_forward, c0=None):
+class _Packing(NamedTuple):
+    """Where each step's rows live when the sequences of a batch run as one packed
+    batch, longest first: the sequences still running at step t are then the first
+    n_t rows, and the packed arrays hold block 0 (n_0 rows), block 1 (n_1 rows), ...
+    """
+    idx: object     # (P,) for each packed row, its row in the (N*T, ·) batch
+    blocks: list    # (offset, n_t) of every step that some sequence still runs
+    order: object   # (N,) batch index of packed row position j, None if identity
+    full: bool      # every sequence runs all T steps
+
+
+def _pack(lengths, N, T, xp):
+    """The packing for ``lengths`` (N,) (None: all T). Bookkeeping is on the host."""
+    if lengths is None:
+        lengths = np.full(N, T, dtype=np.int64)
+    else:
+        lengths = np.asarray(to_numpy(lengths)).astype(np.int64, copy=False)
+        if lengths.shape != (N,) or (lengths < 0).any() or (lengths > T).any():
+            raise ValueError(f"lengths must be (N,) = ({N},) integers in [0, T={T}]; "
+                             f"got shape {lengths.shape}")
+    order = np.argsort(-lengths, kind="stable")
+    running = lengths[order][None, :] > np.arange(T)[:, None]     # (T, N) time-major
+    counts = running.sum(axis=1)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    blocks = [(int(o), int(n)) for o, n in zip(offsets, counts) if n > 0]
+    t, j = np.nonzero(running)
+    idx = order[j] * T + t
+    identity = bool((order == np.arange(N)).all())
+    return _Packing(xp.asarray(idx), blocks, None if identity else xp.asarray(order),
+                    len(idx) == N * T)
+
+
+def _recurrent_forward(x, h0, Wx, Wh, b, lengths, lstm):
     """Shared time loop of the RNN and LSTM sequence layers.
 
     ``x @ Wx + b`` for every step is one GEMM; only ``prev_h @ Wh`` and the cell
-    kernel stay inside the loop. Works time-major internally so each step reads and
-    writes contiguous (N, ·) blocks.
+    kernel stay inside the loop, and they write into buffers allocated once. Rows are
+    packed time-major (see ``_Packing``), so each step reads and writes one
+    contiguous block, and steps past a sequence's length cost nothing.
+
+    Returns h (N, T, H) and the cache: the packing, the packed inputs xs (P, D),
+    hprev (P, H) (h_{t-1} of every row), hs (P, H), Wx, Wh and for the LSTM the
+    cell state: act (P, 4H) gate activations, cs (P, H), tanh(cs) and c0.
     """
     xp = get_array_module(x, h0, Wx, Wh, b)
     N, T, D = x.shape
     H = h0.shape[1]
-    xt = xp.ascontiguousarray(x.transpose(1, 0, 2))            # (T, N, D)
-    xa = (xt.reshape(T * N, D) @ Wx).reshape(T, N, -1)          # (T, N, kH)
-    xa += b
-    hs = xp.empty((T, N, H), dtype=xa.dtype)
-    cells = []
-    prev_h, prev_c = h0, c0
-    for t in range(T):
-        a = xa[t]
-        a += prev_h @ Wh          # xa is our own buffer: a[t] becomes the activation
-        if c0 is None:
-            prev_h = cell_forward(a)
-            cells.append(None)
+    pk = _pack(lengths, N, T, xp)
+    xs = x.reshape(N * T, D)[pk.idx]
+    act = xs @ Wx
+    act += b
+    P, kH = act.shape
+    dtype = act.dtype
+    hs = xp.empty((P, H), dtype=dtype)
+    hprev = xp.empty((P, H), dtype=dtype)
+    rec = xp.empty((N, kH), dtype=dtype)  # prev_h @ Wh
+    h_first = h0 if pk.order is None else h0[pk.order]
+    if lstm:
+        cs = xp.empty((P, H), dtype=dtype)
+        tcs = xp.empty((P, H), dtype=dtype)
+        c0 = xp.zeros((N, H), dtype=dtype)
+    prev = None  # offset of the previous block
+    for off, n in pk.blocks:
+        blk = slice(off, off + n)
+        hprev[blk] = h_first[:n] if prev is None else hs[prev:prev + n]
+        xp.matmul(hprev[blk], Wh, out=rec[:n])
+        act[blk] += rec[:n]
+        if lstm:
+            prev_c = c0[:n] if prev is None else cs[prev:prev + n]
+            _lstm_cell_forward(act[blk], prev_c, out=(hs[blk], cs[blk], tcs[blk]))
         else:
-            prev_h, prev_c, cell = cell_forward(a, prev_c)
-            cells.append(cell)
-        hs[t] = prev_h
-    return hs, xt, xa, cells
+            _rnn_cell_forward(act[blk], out=hs[blk])
+        prev = off
+    h = (xp.empty if pk.full else xp.zeros)((N * T, H), dtype=dtype)
+    h[pk.idx] = hs
+    cell = (act, cs, tcs, c0) if lstm else None
+    return h.reshape(N, T, H), (pk, xs, hprev, hs, Wx, Wh, cell)
 
 
-def _recurrent_backward(dh, xt, h0, hs, Wx, Wh, cell_backward):
-    """Shared backward time loop. ``cell_backward(dh_t, t)`` returns da_t (N, kH).
+def _recurrent_backward(dh, cache, cell_backward):
+    """Shared backward time loop. ``cell_backward(dh_t, t, blk, da_t)`` writes the
+    gradient of step t's pre-activation (packed rows ``blk``) into da_t (n_t, kH).
 
     The loop only carries dprev_h through ``da @ Wh.T``; dx, dWx and dWh are one GEMM
     each over all steps afterwards.
     """
+    pk, xs, hprev, hs, Wx, Wh, _ = cache
     xp = get_array_module(dh, Wx)
-    T, N, D = xt.shape
-    H = h0.shape[1]
-    kH = Wh.shape[1]
-    da_all = xp.empty((T, N, kH), dtype=hs.dtype)
-    dht = dh.transpose(1, 0, 2)
-    dprev_h = xp.zeros_like(h0, dtype=hs.dtype)
-    for t in range(T - 1, -1, -1):
-        cur = dht[t] + dprev_h
-        da = cell_backward(cur, t)
-        da_all[t] = da
-        dprev_h = da @ Wh.T
-    da2 = da_all.reshape(T * N, kH)
-    dx = (da2 @ Wx.T).reshape(T, N, D).transpose(1, 0, 2)
-    dWx = xt.reshape(T * N, D).T @ da2
-    # h_{t-1} for every step: h0 followed by hs[:-1].
-    dWh = h0.T @ da_all[0]
-    if T > 1:
-        dWh += hs[:-1].reshape((T - 1) * N, H).T @ da_all[1:].reshape((T - 1) * N, kH)
-    db = da2.sum(axis=0)
-    return xp.ascontiguousarray(dx), dprev_h, dWx, dWh, db
+    N, T, H = dh.shape
+    D, (P, kH) = xs.shape[1], (hs.shape[0], Wh.shape[1])
+    dtype = hs.dtype
+    dhs = dh.reshape(N * T, H)[pk.idx]
+    da = xp.empty((P, kH), dtype=dtype)
+    # Rows n_{t+1}..n_t (sequences whose last step is t) stay zero until block t.
+    dprev_h = xp.zeros((N, H), dtype=dtype)
+    dh_t = xp.empty((N, H), dtype=dtype)
+    WhT = Wh.T
+    for t in range(len(pk.blocks) - 1, -1, -1):
+        off, n = pk.blocks[t]
+        blk = slice(off, off + n)
+        xp.add(dhs[blk], dprev_h[:n], out=dh_t[:n])
+        cell_backward(dh_t[:n], t, blk, da[blk])
+        xp.matmul(da[blk], WhT, out=dprev_h[:n])
+    dx = (xp.empty if pk.full else xp.zeros)((N * T, D), dtype=dtype)
+    dx[pk.idx] = da @ Wx.T
+    dWx = xs.T @ da
+    dWh = hprev.T @ da
+    db = da.sum(axis=0)
+    if pk.order is None:
+        dh0 = dprev_h
+    else:
+        dh0 = xp.empty_like(dprev_h)
+        dh0[pk.order] = dprev_h
+    return dx.reshape(N, T, D), dh0, dWx, dWh, db
 
 
-def rnn_forward(x, h0, Wx, Wh, b):
+def rnn_forward(x, h0, Wx, Wh, b, lengths=None):
     """A tanh RNN over a whole sequence.
 
     x: (N, T, D); h0: (N, H); Wx: (D, H); Wh: (H, H); b: (H,).
+    lengths: optional (N,) ints in [0, T]: sequence n runs its first lengths[n] steps
+    only; its later h are zero and their upstream gradients are ignored. Skipping
+    steps that cannot reach the loss (padding) saves their work.
     Returns h (N, T, H), the hidden state at every step (h0 not included), and a cache.
     """
-    hs, xt, _, _ = _recurrent_forward(x, h0, Wx, Wh, b, _rnn_cell_forward)
-    h = hs.transpose(1, 0, 2)
-    return get_array_module(h).ascontiguousarray(h), (xt, h0, hs, Wx, Wh)
+    return _recurrent_forward(x, h0, Wx, Wh, b, lengths, lstm=False)
 
 
 def rnn_backward(dh, cache):
@@ -245,9 +337,9 @@ def rnn_backward(dh, cache):
 
     Returns dx (N, T, D), dh0 (N, H), dWx (D, H), dWh (H, H), db (H,).
     """
-    xt, h0, hs, Wx, Wh = cache
-    return _recurrent_backward(dh, xt, h0, hs, Wx, Wh,
-                               lambda dh_t, t: _rnn_cell_backward(dh_t, hs[t]))
+    hs = cache[3]
+    return _recurrent_backward(
+        dh, cache, lambda dh_t, t, blk, da_t: _rnn_cell_backward(dh_t, hs[blk], out=da_t))
 
 
 # ----------------------------------------------------------------------------------
@@ -282,17 +374,14 @@ def lstm_step_backward(dnext_h, dnext_c, cache):
     return da @ Wx.T, da @ Wh.T, dprev_c, x.T @ da, prev_h.T @ da, da.sum(axis=0)
 
 
-def lstm_forward(x, h0, Wx, Wh, b):
+def lstm_forward(x, h0, Wx, Wh, b, lengths=None):
     """An LSTM over a whole sequence, with the initial cell state c0 = 0.
 
     x: (N, T, D); h0: (N, H); Wx: (D, 4H); Wh: (H, 4H); b: (4H,).
+    lengths: optional (N,) ints in [0, T], as for ``rnn_forward``.
     Returns h (N, T, H) (h0 not included) and a cache.
     """
-    xp = get_array_module(x, h0)
-    c0 = xp.zeros(h0.shape, dtype=xp.result_type(x, h0, Wx))
-    hs, xt, _, cells = _recurrent_forward(x, h0, Wx, Wh, b, _lstm_cell_forward, c0=c0)
-    h = xp.ascontiguousarray(hs.transpose(1, 0, 2))
-    return h, (xt, h0, hs, Wx, Wh, cells)
+    return _recurrent_forward(x, h0, Wx, Wh, b, lengths, lstm=True)
 
 
 def lstm_backward(dh, cache):
@@ -300,16 +389,20 @@ def lstm_backward(dh, cache):
 
     Returns dx (N, T, D), dh0 (N, H), dWx (D, 4H), dWh (H, 4H), db (4H,).
     """
-    xt, h0, hs, Wx, Wh, cells = cache
+    pk, act, cs, tcs, c0 = cache[0], *cache[6]
+    N, H = c0.shape
     xp = get_array_module(dh)
-    dc = [xp.zeros(h0.shape, dtype=hs.dtype)]  # carried dnext_c, newest last
+    dc = xp.zeros((N, H), dtype=c0.dtype)  # carried dnext_c, updated in place
+    work = xp.empty((N, 3 * H), dtype=c0.dtype)
 
-    def cell_backward(dh_t, t):
-        da, dprev_c = _lstm_cell_backward(dh_t, dc[0], cells[t])
-        dc[0] = dprev_c
-        return da
+    def cell_backward(dh_t, t, blk, da_t):
+        n = da_t.shape[0]
+        prev = pk.blocks[t - 1][0] if t else None
+        prev_c = c0[:n] if prev is None else cs[prev:prev + n]
+        _lstm_cell_backward(dh_t, dc[:n], (act[blk], prev_c, tcs[blk]),
+                            out=(da_t, dc[:n], work[:n]))
 
-    return _recurrent_backward(dh, xt, h0, hs, Wx, Wh, cell_backward)
+    return _recurrent_backward(dh, cache, cell_backward)
 
 
 # ----------------------------------------------------------------------------------
@@ -347,6 +440,41 @@ def word_embedding_backward(dout, cache):
     return dW
 
 
+def softmax_loss(x, y, weights, label_smoothing=0.0):
+    """Weighted softmax cross-entropy over rows: ``loss = -sum_i w_i log softmax(x_i)[y_i]``.
+
+    x: (M, V) scores; y: (M,) target ids in [0, V); weights: (M,) or a scalar.
+    With ``label_smoothing = eps`` the target distribution is (1 - eps) on y plus
+    eps / V on every word.
+
+    Returns the scalar loss and dx (M, V).
+    """
+    xp = get_array_module(x)
+    M, V = x.shape
+    rows = xp.arange(M)
+    # One (M, V) buffer holds the shifted scores, then exp, then dx.
+    buf = x - x.max(axis=1, keepdims=True)
+    shifted_y = buf[rows, y]
+    if label_smoothing:
+        mean_shifted = buf.mean(axis=1)
+    xp.exp(buf, out=buf)
+    sums = buf.sum(axis=1)
+    # log p_y from the log-sum-exp form: log of the probability itself would
+    # underflow to -inf for very unlikely targets.
+    logsum = xp.log(sums)
+    w = xp.broadcast_to(xp.asarray(weights, dtype=x.dtype), (M,))
+    buf *= (w / sums)[:, None]  # w * softmax(x)
+    if label_smoothing:
+        eps = float(label_smoothing)
+        loss = -float(((1.0 - eps) * (shifted_y - logsum) + eps * (mean_shifted - logsum)) @ w)
+        buf[rows, y] -= (1.0 - eps) * w
+        buf -= (eps / V) * w[:, None]
+    else:
+        loss = -float((shifted_y - logsum) @ w)
+        buf[rows, y] -= w
+    return loss, buf
+
+
 def temporal_softmax_loss(x, y, mask, label_smoothing=0.0):
     """Softmax cross-entropy summed over time and averaged over the minibatch.
 
@@ -358,33 +486,10 @@ def temporal_softmax_loss(x, y, mask, label_smoothing=0.0):
 
     Returns the scalar loss and dx (N, T, V).
     """
-    xp = get_array_module(x)
     N, T, V = x.shape
-    x2 = x.reshape(N * T, V)
-    y2 = y.reshape(N * T)
-    m2 = mask.reshape(N * T)
-    # One (N*T, V) buffer holds shifted scores, then probabilities, then dx.
-    shifted = x2 - x2.max(axis=1, keepdims=True)
-    buf = xp.exp(shifted)
-    sums = buf.sum(axis=1, keepdims=True)
-    buf /= sums
-    rows = xp.arange(N * T)
-    # log p_y from the log-sum-exp form: log of the probability itself would
-    # underflow to -inf for very unlikely targets.
-    logsum = xp.log(sums[:, 0])
-    logp_y = shifted[rows, y2] - logsum
-    w = m2.astype(x.dtype) / N
-    if label_smoothing:
-        eps = float(label_smoothing)
-        mean_logp = shifted.mean(axis=1) - logsum
-        loss = -float(((1.0 - eps) * logp_y + eps * mean_logp) @ w)
-        buf[rows, y2] -= 1.0 - eps
-        buf -= eps / V
-    else:
-        loss = -float(logp_y @ w)
-        buf[rows, y2] -= 1.0
-    buf *= w[:, None]
-    return loss, buf.reshape(N, T, V)
+    w = mask.reshape(N * T).astype(x.dtype) / N
+    loss, dx = softmax_loss(x.reshape(N * T, V), y.reshape(N * T), w, label_smoothing)
+    return loss, dx.reshape(N, T, V)
 
 
 # ----------------------------------------------------------------------------------

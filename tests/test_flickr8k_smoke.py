@@ -1,0 +1,93 @@
+"""The Flickr8k experiment (experiments/flickr8k.py) end to end on a slice of the real
+data, plus the two pieces of arithmetic it relies on: the PyTorch twin converts into
+an rnncap model that computes the same loss, and folding the feature standardisation
+into W_proj changes nothing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_twin_converts_to_an_rnncap_model_with_the_same_loss():
+    torch = pytest.importorskip("torch")
+    twin_mod = _load("torch_twin")
+    V, D, W, H = 30, 12, 10, 8
+    twin = twin_mod.build_twin(V, D, W, H, dropout=0.5, seed=3).eval()
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((6, D)).astype(np.float32)
+    caps = rng.integers(4, V, (6, 9))
+    caps[:, 0] = 1
+    caps[:, 6] = 2
+    caps[:, 7:] = 0
+    caps[0, 3] = 2  # a short caption: the padding after it must not count
+    caps[0, 4:] = 0
+    with torch.no_grad():
+        want = float(twin.loss(torch.from_numpy(feats), torch.from_numpy(caps)))
+    model = twin_mod.to_rnncap(twin)
+    got, _ = model.loss(feats, caps, train=False)
+    assert got == pytest.approx(want, rel=1e-5)
+    # and decoding goes through the converted weights: step matches the twin's scores
+    with torch.no_grad():
+        scores = twin(torch.from_numpy(feats), torch.from_numpy(caps[:, :1])).numpy()[:, 0]
+    step_scores, _ = model.step(np.ones(6, dtype=np.int64), model.init_state(feats))
+    np.testing.assert_allclose(step_scores, scores, rtol=1e-4, atol=1e-5)
+
+
+def test_folding_the_standardisation_into_the_projection_changes_nothing():
+    from rnncap.model import CaptioningModel
+
+    exp = _load("flickr8k")
+    rng = np.random.default_rng(1)
+    raw = (rng.gamma(2.0, 0.3, (40, 16)) * (rng.random(16) < 0.9)).astype(np.float32)
+    raw[:, 3] = 0.0  # a dead unit: its spread is floored, not divided by zero
+    mean, std = exp.standardiser(raw)
+    assert np.all(np.isfinite(std)) and np.all(std > 0)
+    model = CaptioningModel(20, 16, 8, 12, cell_type="lstm", seed=0)
+    folded = exp.fold_standardiser(model, mean, std)
+    a = model.init_state((raw - mean) / std)[0]
+    b = folded.init_state(raw)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert model.params["W_proj"] is not folded.params["W_proj"]  # the original is untouched
+
+
+@pytest.mark.flickr8k
+def test_experiment_on_a_slice_of_flickr8k_beats_the_untrained_model(tmp_path):
+    if not (FLICKR8K / "captions.json").is_file():
+        pytest.skip(f"Flickr8k not found at {FLICKR8K} (the shared data folder is absent)")
+    pytest.importorskip("torch")
+    pytest.importorskip("h5py")
+    pytest.importorskip("pycocoevalcap")
+    exp = _load("flickr8k")
+    # 200 train images (1,000 captions), 40 val images, a small LSTM, greedy only.
+    rc = exp.main(["--out", str(tmp_path), "--data", str(FLICKR8K), "--runs", "lstm",
+                   "--train-images", "200", "--val-images", "40", "--epochs", "6",
+                   "--hidden", "128", "--wordvec", "128", "--decoders", "greedy", "--no-meteor"])
+    assert rc == 0
+    result = json.loads((tmp_path / "lstm-s0" / "metrics.json").read_text())
+    assert result["train_images"] == 200 and result["val_images"] == 40
+    before = result["untrained_val_cider"]
+    after = result["metrics"]["greedy"]["CIDEr"]
+    assert after > before + 0.05 and after > 3 * before, (before, after)
+    assert (tmp_path / "results.md").is_file()
+    # the saved model takes raw encoder features (the standardisation is folded in)
+    from rnncap.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(str(tmp_path / "lstm-s0" / "model.npz"))
+    assert ckpt.encoder["name"] == "efficientnet-lite0"
+    assert ckpt.model.input_dim == 1280
