@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import RnncapError
@@ -92,6 +93,9 @@ def build_parser():
 
 
 def main(argv=None):
+    # torch's OpenMP threads otherwise spin while they wait, burning the CPU that
+    # the NumPy side needs; only read when torch loads, and a user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):

@@ -10,9 +10,11 @@ that training uses, so there is no second copy of the recurrence to drift.
 * ``sequence_log_prob`` the model's own log-probability of given captions.
 
 Output conventions shared by all decoders: ids never include <START>; a caption stops
-at its first <END>, which is kept. Captions are not forbidden from containing <NULL>,
-<START> or <UNK>: a decoder reports what the model prefers, and a trained model
-does not prefer them.
+at its first <END>, which is kept. By default a decoder reports what the model
+prefers, whatever the word. ``banned`` lists ids a decoder must never choose (the
+captioning commands pass <NULL>, <START> and <UNK>, so a user never reads "<UNK>");
+banning only removes choices: log-probabilities stay those of the model over the
+whole vocabulary.
 """
 from __future__ import annotations
 
@@ -23,8 +25,17 @@ import numpy as np
 from .backend import to_numpy
 
 
-def greedy_decode(model, features, max_length=30):
-    """Pick the most likely word at every step.
+def _without(scores, banned, xp):
+    """scores with the banned columns set to -inf (a copy; the input is untouched)."""
+    if not banned:
+        return scores
+    scores = scores.copy()
+    scores[:, xp.asarray(list(banned))] = -xp.inf
+    return scores
+
+
+def greedy_decode(model, features, max_length=30, banned=()):
+    """Pick the most likely (allowed) word at every step.
 
     features: (N, D). Returns (N, max_length) int64 ids on the host: the words after
     <START>, with <END> kept and everything after it set to <NULL>.
@@ -39,7 +50,7 @@ def greedy_decode(model, features, max_length=30):
     done = np.zeros(N, dtype=bool)
     for t in range(max_length):
         scores, state = model.step(words, state)
-        words = scores.argmax(axis=1)
+        words = _without(scores, banned, xp).argmax(axis=1)
         w = to_numpy(words)
         out[:, t] = np.where(done, model.null_id, w)
         done |= w == model.end_id
@@ -48,7 +59,7 @@ def greedy_decode(model, features, max_length=30):
     return out
 
 
-def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None):
+def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=()):
     """Draw every word from ``softmax(scores / temperature)``.
 
     features: (N, D). ``top_k`` > 0 keeps only the k highest-scoring words at each step
@@ -73,7 +84,7 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
     done = np.zeros(N, dtype=bool)
     for t in range(max_length):
         scores, state = model.step(words, state)
-        scores = scores.astype(np.float64)
+        scores = _without(scores.astype(np.float64), banned, xp)
         V = scores.shape[1]
         if 0 < top_k < V:
             kth = -xp.partition(-scores, top_k - 1, axis=1)[:, top_k - 1:top_k]
@@ -103,7 +114,7 @@ class Hypothesis(NamedTuple):
     score: float
 
 
-def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_best=1):
+def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_best=1, banned=()):
     """Beam search over all images at once.
 
     features: (N, D). The N*k live hypotheses run through ``model.step`` as one
@@ -148,7 +159,7 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
         scores, state = model.step(words, state)
         V = scores.shape[1]
         total = xp.asarray(cum).reshape(N * k, 1) + _log_softmax(scores, xp)
-        total = total.reshape(N, k * V)
+        total = _without(total, banned, xp).reshape(N, k * V)
         m = min(2 * k, k * V)
         idx = xp.argpartition(-total, m - 1, axis=1)[:, :m]
         cand = xp.take_along_axis(total, idx, axis=1)
@@ -194,11 +205,11 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
     return out
 
 
-def beam_decode(model, features, beam_size=3, max_length=30, length_norm=0.0):
+def beam_decode(model, features, beam_size=3, max_length=30, length_norm=0.0, banned=()):
     """The top beam-search caption of each image as (N, max_length) int64 ids, padded
     with <NULL> after <END> exactly like ``greedy_decode``."""
     hyps = beam_search(model, features, beam_size=beam_size, max_length=max_length,
-                       length_norm=length_norm, n_best=1)
+                       length_norm=length_norm, n_best=1, banned=banned)
     out = np.full((len(hyps), max_length), model.null_id, dtype=np.int64)
     for n, h in enumerate(hyps):
         out[n, :len(h[0].ids)] = h[0].ids

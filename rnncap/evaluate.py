@@ -66,9 +66,11 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     greedy, beamed = [], []
     for start in range(0, N, batch_size):
         f = features[start:start + batch_size]
-        greedy += [vocab.decode(row) for row in greedy_decode(model, f, max_length=max_length)]
+        greedy += [vocab.decode(row) for row in greedy_decode(model, f, max_length=max_length,
+                                                                      banned=vocab.never_generated)]
         if beam > 1:
-            rows = beam_decode(model, f, beam_size=beam, max_length=max_length, length_norm=length_norm)
+            rows = beam_decode(model, f, beam_size=beam, max_length=max_length, length_norm=length_norm,
+                               banned=vocab.never_generated)
             beamed += [vocab.decode(row) for row in rows]
     scored = beamed if beam > 1 else greedy
 

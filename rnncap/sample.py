@@ -70,9 +70,10 @@ class Captioner:
 
         L = max_length or self.max_length
         if beam <= 1:
-            ids = greedy_decode(self.model, features, max_length=L)
+            ids = greedy_decode(self.model, features, max_length=L, banned=self.vocab.never_generated)
         else:
-            ids = beam_decode(self.model, features, beam_size=beam, max_length=L)
+            ids = beam_decode(self.model, features, beam_size=beam, max_length=L,
+                              banned=self.vocab.never_generated)
         return [self.vocab.decode(row) for row in ids]
 
     def caption(self, image, beam=3, max_length=None):

@@ -70,6 +70,8 @@ class Vocab:
     start_id = property(lambda self: START_ID)
     end_id = property(lambda self: END_ID)
     unk_id = property(lambda self: UNK_ID)
+    # Ids a generated caption should never contain (decoders take them as ``banned``).
+    never_generated = property(lambda self: (NULL_ID, START_ID, UNK_ID))
 
     def __len__(self):
         return len(self.idx_to_word)

@@ -282,3 +282,25 @@ def test_sampling_is_reproducible_and_random():
     for row in a:
         L = caption_length(row)
         assert (row[L:] == NULL).all()
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_banned_words_are_never_chosen_and_scores_stay_the_models(cell):
+    model = make_model(5, cell=cell)
+    f = feats(6, n=8)
+    plain = greedy_decode(model, f, max_length=6)
+    # Ban the words greedy likes most, so the ban really changes the captions.
+    favourite = np.bincount(plain[plain != model.end_id].ravel(), minlength=V).argsort()[::-1][:2]
+    banned = tuple(int(w) for w in favourite if w != model.end_id) + (model.null_id, model.start_id)
+    outs = [greedy_decode(model, f, max_length=6, banned=banned),
+            beam_decode(model, f, beam_size=3, max_length=6, banned=banned),
+            sample_decode(model, f, max_length=6, rng=0, banned=banned)]
+    assert not np.array_equal(outs[0], plain)
+    for ids in outs:
+        for row in ids:
+            words = row[: caption_length(row)]
+            assert not np.isin(words, banned).any(), (row, banned)
+    assert np.array_equal(beam_decode(model, f, beam_size=1, max_length=6, banned=banned), outs[0])
+    hyps = beam_search(model, f, beam_size=3, max_length=6, banned=banned)
+    lp = sequence_log_prob(model, f, [h[0].ids for h in hyps])
+    np.testing.assert_allclose([h[0].logprob for h in hyps], lp, rtol=1e-9)
