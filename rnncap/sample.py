@@ -32,7 +32,7 @@ class Captioner:
         weights: a weights file for encoders that need one supplied (vgg16).
         """
         from .checkpoint import load_checkpoint
-        from .encoders import get_encoder
+        from .encoders import describe_mismatch, get_encoder
 
         ckpt = load_checkpoint(path, device=device)
         ident = ckpt.encoder
@@ -41,12 +41,10 @@ class Captioner:
                 f"{path}: records no image encoder (it was trained on features that came with "
                 f"the dataset), so it can caption features but not photos")
         encoder = get_encoder(ident["name"], weights=weights)
-        mine = encoder.identity()
-        for key in ("feature_dim", "image_size", "weights_sha256"):
-            if key in ident and key in mine and ident[key] != mine[key]:
-                raise CheckpointError(
-                    f"{path}: trained with encoder {ident['name']} having {key}={ident[key]!r}, "
-                    f"but the encoder available here has {mine[key]!r}")
+        diff = describe_mismatch(ident, encoder.identity())
+        if diff:
+            raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
+                                  f"available here ({diff})")
         expected = ckpt.pca["components"].shape[1] if ckpt.pca is not None else encoder.feature_dim
         if expected != ckpt.model.input_dim:
             raise CheckpointError(f"{path}: the model expects {ckpt.model.input_dim}-d features "

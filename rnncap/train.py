@@ -268,15 +268,20 @@ def plot_history(history, path):
 # ======================================================================================
 
 def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("train", "val"),
-                 pca=True):
+                 pca=True, encoder=None):
     """Encode captions and line them up with feature rows.
 
-    Returns {split: (features (n, D) float32, captions (M, T+1) int32, image_idx (M,))},
-    the encoder identity and the PCA (both None for datasets that ship features).
+    pca: True to apply the PCA stored in the feature cache, False for raw features, or
+    a {"mean", "components"} dict to apply (a resumed run uses its checkpoint's).
+    encoder: the identity the cache must have been made with (on resume), or None.
+
+    Returns ({split: (features (n, D) float32, captions (M, T+1) int32, image_idx (M,),
+    stats)}, the encoder identity, the PCA); identity and PCA are None for datasets
+    that ship their own features.
     """
     from .datasets import encode_split
 
-    out, encoder, pca_params = {}, None, None
+    out, ident, pca_params = {}, None, None
     for name in splits:
         if name not in dataset.splits:
             if name == "train":
@@ -291,23 +296,34 @@ def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("t
             if not features_path:
                 raise RnncapError("--features is required: this dataset ships no features "
                                   "(make them with `rnncap features`)")
-            feats, encoder, pca_params = _features_for(features_path, name, split, pca)
+            feats, ident, pca_params = _features_for(features_path, name, split, pca, encoder)
         out[name] = (feats, caps, img_idx, stats)
-    return out, encoder, pca_params
+    return out, ident, pca_params
 
 
-def _features_for(path, split_name, split, pca):
-    """Rows of the feature cache for a split, in the dataset's image order."""
-    from .features import load_features, read_identity, read_pca
+def _features_for(path, split_name, split, pca, encoder):
+    """Rows of the feature cache for a split, in the dataset's image order, with the
+    PCA applied by the one function that caption time uses too."""
+    from .encoders import describe_mismatch
+    from .features import apply_pca, load_features, read_identity, read_pca
 
-    feats, ids = load_features(path, split_name, pca=pca)
+    ident = read_identity(path)
+    if encoder is not None:
+        diff = describe_mismatch(encoder, ident)
+        if diff:
+            raise RnncapError(f"{path}: made with another encoder than the checkpoint ({diff})")
+    feats, ids = load_features(path, split_name, pca=False)
     pos = {i: k for k, i in enumerate(ids)}
     missing = [i for i in split.image_ids if i not in pos]
     if missing:
         raise RnncapError(f"{path}: {len(missing)} images of split '{split_name}' have no "
                           f"features (first: {missing[0]}); rerun `rnncap features`")
     rows = np.fromiter((pos[i] for i in split.image_ids), dtype=np.int64, count=len(split.image_ids))
-    return feats[rows], read_identity(path), (read_pca(path) if pca else None)
+    params = pca if isinstance(pca, dict) else (read_pca(path) if pca else None)
+    feats = feats[rows]
+    if params is not None:
+        feats = apply_pca(feats, params)
+    return feats, ident, params
 
 
 def add_arguments(p):
@@ -348,7 +364,7 @@ def add_arguments(p):
                    help="also save last.npz every this many updates (default: each epoch)")
     g.add_argument("--seed", type=int, default=d[2].seed)
     g.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--out", default="runs/train", help="output folder (default %(default)s)")
+    p.add_argument("--out", help="output folder (default: runs/train, or the folder of --resume's checkpoint)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -362,6 +378,8 @@ def run(args):
 
     if args.weight_decay < 0 or args.clip < 0:
         raise RnncapError("--weight-decay and --clip must be >= 0")
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else "runs/train"
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -376,7 +394,7 @@ def run(args):
             data_cfg.captions = args.data
         if args.features:
             data_cfg.features = args.features
-        pca = ckpt.pca is not None
+        pca = ckpt.pca if ckpt.pca is not None else False
     else:
         if not args.data:
             raise RnncapError("--data is required (or --resume CKPT)")
@@ -400,7 +418,8 @@ def run(args):
         check_vocab_matches(vocab, dataset, data_cfg, args.resume)
     else:
         vocab = dataset_vocab(dataset, data_cfg)
-    data, encoder, pca_params = prepare_data(dataset, vocab, data_cfg.features, data_cfg, pca=pca)
+    data, encoder, pca_params = prepare_data(dataset, vocab, data_cfg.features, data_cfg, pca=pca,
+                                             encoder=ckpt.encoder if ckpt is not None else None)
     train_feats, train_caps, train_idx, stats = data["train"]
     _print_data_summary(dataset, vocab, data, stats)
 
