@@ -34,11 +34,11 @@ def _without(scores, banned, xp):
     return scores
 
 
-def greedy_decode(model, features, max_length=30, banned=()):
-    """Pick the most likely (allowed) word at every step.
+def _decode_word_by_word(model, features, max_length, choose):
+    """The loop greedy decoding and sampling share: feed <START>, let ``choose(scores)``
+    pick each next word (N,), stop once every caption has said <END>.
 
-    features: (N, D). Returns (N, max_length) int64 ids on the host: the words after
-    <START>, with <END> kept and everything after it set to <NULL>.
+    Returns (N, max_length) int64 host ids, <NULL> after each caption's <END>.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -50,13 +50,24 @@ def greedy_decode(model, features, max_length=30, banned=()):
     done = np.zeros(N, dtype=bool)
     for t in range(max_length):
         scores, state = model.step(words, state)
-        words = _without(scores, banned, xp).argmax(axis=1)
+        words = choose(scores)
         w = to_numpy(words)
         out[:, t] = np.where(done, model.null_id, w)
         done |= w == model.end_id
         if done.all():
             break
     return out
+
+
+def greedy_decode(model, features, max_length=30, banned=()):
+    """Pick the most likely (allowed) word at every step.
+
+    features: (N, D). Returns (N, max_length) int64 ids on the host: the words after
+    <START>, with <END> kept and everything after it set to <NULL>.
+    """
+    xp = model.xp
+    return _decode_word_by_word(model, features, max_length,
+                                lambda scores: _without(scores, banned, xp).argmax(axis=1))
 
 
 def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=()):
@@ -69,23 +80,16 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
 
     Returns (N, max_length) int64 ids laid out like ``greedy_decode``.
     """
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     xp = model.xp
-    state = model.init_state(features)
-    N = state[0].shape[0]
-    words = xp.full((N,), model.start_id, dtype=np.int64)
-    out = np.full((N, max_length), model.null_id, dtype=np.int64)
-    done = np.zeros(N, dtype=bool)
-    for t in range(max_length):
-        scores, state = model.step(words, state)
+
+    def choose(scores):
         scores = _without(scores.astype(np.float64), banned, xp)
-        V = scores.shape[1]
+        N, V = scores.shape
         if 0 < top_k < V:
             kth = -xp.partition(-scores, top_k - 1, axis=1)[:, top_k - 1:top_k]
             scores = xp.where(scores >= kth, scores, -xp.inf)
@@ -93,13 +97,9 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
             # Gumbel-max: argmax(s / T + g) with g ~ Gumbel(0, 1) is an exact draw
             # from softmax(s / T), with no probabilities to normalise.
             scores = scores / temperature + xp.asarray(rng.gumbel(size=(N, V)))
-        words = scores.argmax(axis=1)
-        w = to_numpy(words)
-        out[:, t] = np.where(done, model.null_id, w)
-        done |= w == model.end_id
-        if done.all():
-            break
-    return out
+        return scores.argmax(axis=1)
+
+    return _decode_word_by_word(model, features, max_length, choose)
 
 
 class Hypothesis(NamedTuple):
