@@ -52,7 +52,7 @@ RECIPES = {
                  normalise=False, average=0),
     # Ours; each departure from "twin" is kept only because val said so (docs/results.md).
     "tuned": dict(wordvec=512, hidden=512, dropout=0.5, label_smoothing=0.1, lr=3e-3,
-                  lr_decay=0.8, batch_size=128, clip=5.0, epochs=12, max_length=16,
+                  lr_decay=0.8, batch_size=128, clip=5.0, epochs=8, max_length=16,
                   normalise=True, average=3),
 }
 RUNS = {  # name: (implementation, recipe, cell)
@@ -162,23 +162,18 @@ def fold_standardiser(model, mean, std):
 
 # ---- scoring --------------------------------------------------------------------------
 
-def decode(model, features, beam):
-    from rnncap.decoding import beam_decode, greedy_decode
+def score(model, data, features, beam=1, meteor=True, perplexity=False):
+    """Val captions of one decoder scored by ``rnncap.evaluate.evaluate_split`` (the
+    code behind ``rnncap evaluate``): COCO metrics, diversity and, when asked, the
+    perplexity of the reference captions. Returns (summary, {image_id: caption})."""
+    from rnncap.evaluate import evaluate_split
 
-    if beam <= 1:
-        return greedy_decode(model, features, max_length=DECODE_MAX)
-    return np.concatenate([beam_decode(model, features[i:i + 250], beam_size=beam, max_length=DECODE_MAX)
-                           for i in range(0, len(features), 250)])
-
-
-def score(model, data, features, beam=1, meteor=True):
-    """COCO metrics of one decoder on val, and the captions."""
-    from rnncap.metrics import coco_metrics
-
-    ids = decode(model, features, beam)
-    caps = {i: data.vocab.decode(row) for i, row in zip(data.splits["val"].image_ids, ids)}
-    summary, _ = coco_metrics(data.references, caps, meteor=meteor)
-    return summary, caps
+    val = data.splits["val"]
+    caps, idx = data.encoded("val", DECODE_MAX) if perplexity else (None, None)
+    summary, per_image, _ = evaluate_split(model, data.vocab, features, val.references, val.image_ids,
+                                           beam=beam, max_length=DECODE_MAX, captions=caps,
+                                           image_idx=idx, meteor=meteor)
+    return summary, {i: p["beam"] for i, p in per_image.items()}
 
 
 def val_fn_for(data, features):
@@ -224,9 +219,10 @@ def run_one(name, seed, data, args):
     for dec, beam in DECODERS:
         if dec not in args.decoder_list:
             continue
-        metrics[dec], captions[dec] = score(model, data, feats["val"], beam=beam, meteor=args.meteor)
+        metrics[dec], captions[dec] = score(model, data, feats["val"], beam=beam, meteor=args.meteor,
+                                            perplexity=(dec == "greedy"))
         log(f"{out_dir.name} {dec}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in metrics[dec].items() if v is not None))
+            f"{k} {v:.3f}" for k, v in metrics[dec].items() if isinstance(v, float)))
     eval_seconds = time.perf_counter() - t0
 
     if r["normalise"]:
@@ -337,8 +333,10 @@ def summarise(out, data):
 
 
 def markdown(results, data):
-    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-    lines = [f"Val ({results[0]['val_images']} images, all 5 references), COCO caption toolkit.", "",
+    keys = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct_fraction", "mean_length",
+            "perplexity")
+    lines = [f"Val ({results[0]['val_images']} images, all 5 references), COCO caption toolkit; "
+             f"distinct_fraction: share of different captions; perplexity: of the references.", "",
              "| run | seed | decoder | " + " | ".join(keys) + " | epoch kept | train min |",
              "|---" * (len(keys) + 5) + "|"]
     for r in results:
@@ -346,7 +344,8 @@ def markdown(results, data):
             kept = str(r["chosen"]["epoch"]) + (f" (avg {r['chosen']['average_of']})"
                                                 if r["chosen"].get("averaged") else "")
             lines.append(f"| {r['run']} | {r['seed']} | {dec} | "
-                         + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" for k in keys)
+                         + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" if k != "perplexity"
+                                      else f"{m[k]:.1f}" for k in keys)
                          + f" | {kept} | {r['train_seconds'] / 60:.1f} |")
     lines += ["", "Per-epoch val (greedy):", ""]
     for r in results:
@@ -421,6 +420,8 @@ def parse_args(argv=None):
     p.add_argument("--no-meteor", dest="meteor", action="store_false",
                    help="skip METEOR (its Java jar takes a while to load)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have results")
+    p.add_argument("--summarise", action="store_true",
+                   help="train nothing: only rebuild OUT/results.md from the finished runs")
     args = p.parse_args(argv)
     if args.quick:
         args.train_images = args.train_images or 500
@@ -447,7 +448,7 @@ def main(argv=None):
     data.out = args.out
     log(f"vocab {len(data.vocab)} words; train {len(data.splits['train'])} images, "
         f"val {len(data.splits['val'])} images")
-    for seed in args.seed_list:
+    for seed in [] if args.summarise else args.seed_list:
         for name in args.run_list:
             done = Path(args.out) / f"{name}-s{seed}" / "metrics.json"
             if done.is_file() and not args.force:

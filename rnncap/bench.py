@@ -8,9 +8,9 @@ losses must agree. Both run in this process, alternating step by step after a
 warm-up; medians and spreads are reported. Decoding compares rnncap's greedy (and,
 when present, beam) decoder with a PyTorch loop of the same algorithm.
 
-Peak memory is measured in fresh subprocesses (one per framework and batch size) as
-the growth of the resident-set high-water mark (``ru_maxrss``) over one step, after
-the model, the batch and the imports are in place.
+Peak memory is measured in fresh subprocesses (one per framework and batch size): how
+far the peak resident set rises over two training steps above the memory in use just
+before them (model, batch and imports in place); see ``memory_probe``.
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="cpu: NumPy vs PyTorch CPU; gpu: CuPy vs PyTorch CUDA")
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch threads (default: as many as NumPy's BLAS uses)")
+                        help="threads for both NumPy's BLAS (needs threadpoolctl) and torch "
+                             "(default: torch gets as many as NumPy's BLAS uses)")
     parser.add_argument("--no-torch", action="store_true",
                         help="time rnncap alone (no PyTorch comparison)")
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
@@ -347,15 +348,22 @@ class TorchStepModel:
 
 # ---- timing -------------------------------------------------------------------------
 
-def _sync_for(device):
+def _sync_for(device, with_torch=True):
+    """Wait for queued GPU work (CuPy's, and torch's when it is in use); a no-op on
+    the CPU."""
     if device != "gpu":
         return lambda: None
     import cupy
-    import torch
+
+    torch_sync = lambda: None  # noqa: E731
+    if with_torch:
+        import torch
+
+        torch_sync = torch.cuda.synchronize
 
     def sync():
         cupy.cuda.Device().synchronize()
-        torch.cuda.synchronize()
+        torch_sync()
 
     return sync
 
@@ -426,7 +434,7 @@ def bench_train(N, dims, repeats, warmup, device="cpu", with_torch=True, seed=0,
         # Same weights, same batch: the first losses must agree (float32 rounding).
         first = {"torch": fns["torch"]()}
     first["rnncap"] = fns["rnncap"]()
-    times = time_alternating(fns, repeats, warmup, _sync_for(device))
+    times = time_alternating(fns, repeats, warmup, _sync_for(device, with_torch))
     tokens = N * dims["T"]
     steps, scored = work_done(captions, dims)
     res = {"N": N, "tokens_per_step": tokens, "first_loss": first,
@@ -487,7 +495,7 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
             ours, theirs = fns["rnncap beam"](), fns["torch beam"]()
             res["beam_caption_agreement"] = float(np.mean(
                 [np.array_equal(a[0].ids, b[0].ids) for a, b in zip(ours, theirs)]))
-    times = time_alternating(fns, repeats, warmup, _sync_for(device))
+    times = time_alternating(fns, repeats, warmup, _sync_for(device, with_torch))
     for name, ts in times.items():
         s = summarize(ts)
         s["captions_per_s"] = N / s["median_s"]
@@ -501,8 +509,13 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
 
 def memory_probe(framework, N, size, seed=0, steps=2):
     """Run in a fresh process: build the model and the batch, then run ``steps``
-    training steps and report how far the resident-set high-water mark rose (bytes).
-    For rnncap also the tracemalloc peak of one step (NumPy allocations only)."""
+    training steps and report how far the resident set's peak rose above its size
+    before the steps (bytes): the activations, gradients and optimizer state.
+
+    On Linux the peak is the kernel's VmHWM, reset just before the steps (so nothing
+    earlier, such as an import, counts); elsewhere the growth of ``ru_maxrss``. For
+    rnncap also the tracemalloc peak of one step (NumPy's allocations only).
+    """
     import resource
     import tracemalloc
 
@@ -517,12 +530,18 @@ def memory_probe(framework, N, size, seed=0, steps=2):
     else:
         step = rnncap_trainer(model)
     out = {}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(steps):
-        step(features, captions)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out["maxrss_delta_bytes"] = (after - before) * 1024  # Linux reports KiB
-    out["maxrss_bytes"] = after * 1024
+    rss0 = _proc_status("VmRSS")
+    if rss0 is not None and _reset_peak_rss():
+        for _ in range(steps):
+            step(features, captions)
+        out["method"] = "VmHWM after clear_refs"
+        out["peak_growth_bytes"] = _proc_status("VmHWM") - rss0
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(steps):
+            step(features, captions)
+        out["method"] = "ru_maxrss"
+        out["peak_growth_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
     if framework == "rnncap":
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
@@ -530,6 +549,28 @@ def memory_probe(framework, N, size, seed=0, steps=2):
         out["tracemalloc_step_peak_bytes"] = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
     return out
+
+
+def _proc_status(field):
+    """A size field of /proc/self/status in bytes, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _run_memory_probe(framework, N, size, seed):
@@ -546,6 +587,22 @@ def _run_memory_probe(framework, N, size, seed):
 # ---- the command --------------------------------------------------------------------
 
 def run(args):
+    limiter = None
+    if args.threads:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            raise RnncapError("--threads needs the package threadpoolctl to set NumPy's BLAS "
+                              "threads: pip install threadpoolctl")
+        limiter = threadpool_limits(args.threads, user_api="blas")
+    try:
+        return _run(args)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+
+
+def _run(args):
     repeats = args.repeats or (3 if args.quick else 15)
     warmup = args.warmup or (1 if args.quick else 3)
     dims = SIZES[args.size]
@@ -553,7 +610,7 @@ def run(args):
     if args.device == "gpu":
         xp_for("gpu")  # a clear error when CuPy or the GPU is missing
     info = machine_info()
-    threads = args.threads or info["blas"]["threads"]
+    threads = info["blas"]["threads"]
     if with_torch:
         try:
             import torch
@@ -568,17 +625,26 @@ def run(args):
                               "to time rnncap alone")
     results = {"machine": info, "size": args.size, "dims": dims, "device": args.device,
                "repeats": repeats, "warmup": warmup, "command": " ".join(sys.argv)}
+    if args.device == "cpu":
+        from .model import _shards
+
+        results["rnncap_shards"] = {N: len(_shards(N, np)) for N in args.batch_sizes}
     _print_header(results)
 
     if "gemm" in args.parts:
-        sync = _sync_for(args.device) if with_torch or args.device == "cpu" else (lambda: None)
+        sync = _sync_for(args.device, with_torch)
         n = 2048 if args.size == "coco" else 128
         results["gemm_size"] = n
         results["gemm_flops"] = {"numpy" if args.device == "cpu" else "cupy":
                                  gemm_peak(xp_for(args.device), n, sync=sync)}
+        if args.device == "cpu":
+            from .model import _one_blas_thread
+
+            with _one_blas_thread(np):
+                results["gemm_flops"]["numpy 1 thread"] = gemm_peak(np, n)
         if with_torch:
             results["gemm_flops"]["torch"] = _torch_gemm_peak(args.device, n)
-        print(f"float32 GEMM {n}^3 (best of 5): " + ", ".join(
+        print(f"float32 GEMM {n}^3, best of 5 (the best is the peak below): " + ", ".join(
             f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in results["gemm_flops"].items()))
 
     if "train" in args.parts:
@@ -588,8 +654,13 @@ def run(args):
         for N in args.batch_sizes:
             r = bench_train(N, dims, repeats, warmup, args.device, with_torch, args.seed,
                             args.full_length)
+            if results.get("gemm_flops"):  # the peak: the best GEMM rate measured here
+                peak = max(results["gemm_flops"].values())
+                r["flop_rate"] = {name: r["flops_per_step"]["rnncap" if name == "rnncap" else "dense"]
+                                  / r[name]["median_s"] for name in ("rnncap", "torch") if name in r}
+                r["share_of_peak"] = {name: rate / peak for name, rate in r["flop_rate"].items()}
             results["train"].append(r)
-            _print_train(r, results.get("gemm_flops"))
+            _print_train(r)
 
     if "decode" in args.parts:
         results["decode"] = []
@@ -602,8 +673,8 @@ def run(args):
 
     if "memory" in args.parts and not args.quick and args.device == "cpu":
         results["memory"] = []
-        print("\npeak memory of training steps (fresh subprocess each; growth of ru_maxrss "
-              "over 2 steps; tracemalloc = NumPy allocations of 1 step)")
+        print("\npeak memory of 2 training steps over the memory before them (fresh "
+              "subprocess each, peak RSS; tracemalloc: NumPy's allocations in 1 step)")
         for N in args.batch_sizes:
             r = {"N": N, "rnncap": _run_memory_probe("rnncap", N, args.size, args.seed)}
             if with_torch:
@@ -611,6 +682,8 @@ def run(args):
             results["memory"].append(r)
             _print_memory(r)
 
+    results["loadavg_end"] = machine_info()["loadavg"]
+    print(f"\nload average at the end: {_load(results['loadavg_end'])}")
     if args.json:
         text = json.dumps(results, indent=2, default=float)
         if args.json == "-":
@@ -641,36 +714,42 @@ def _torch_gemm_peak(device, n=2048, repeats=5):
 
 def _print_header(r):
     m = r["machine"]
-    print(f"rnncap bench  {m['date']}  {m['cpu']} ({m['cpu_count']} CPUs, load {m['loadavg']})")
+    print(f"rnncap bench  {m['date']}  {m['cpu']} ({m['cpu_count']} CPUs, "
+          f"load average {_load(m['loadavg'])})")
     b = m["blas"]
     print(f"numpy {m['numpy']}: {b.get('library')} kernel={b.get('kernel')} "
           f"threads={b['threads']}" + (f"  env {m['blas_env']}" if m["blas_env"] else ""))
     if "torch" in m:
         print(f"torch {m['torch']}: threads={m['torch_threads']}")
     print(f"size {r['size']} {r['dims']} float32, device {r['device']}")
+    if "rnncap_shards" in r:
+        print("rnncap runs BLAS single-threaded, a batch in shards side by side: "
+              + ", ".join(f"N={n}: {k} shard{'s' * (k > 1)}" for n, k in r["rnncap_shards"].items()))
+
+
+def _load(loadavg):
+    return "n/a" if loadavg is None else " ".join(f"{x:.1f}" for x in loadavg)
 
 
 def _spread(s):
     return f"{s['median_s'] * 1e3:8.1f} ms [{s['min_s'] * 1e3:.1f}-{s['max_s'] * 1e3:.1f}]"
 
 
-def _print_train(r, gemm):
+def _print_train(r):
     print(f"N={r['N']}: {100 * r['target_fraction']:.0f}% of positions have a target, "
           f"{100 * r['steps_fraction']:.0f}% need a recurrent step")
     for name in ("rnncap", "torch"):
         if name in r:
             s = r[name]
             extra = ""
-            if gemm:
-                peak = gemm["numpy" if name == "rnncap" and "numpy" in gemm else
-                            "cupy" if name == "rnncap" else "torch"]
-                rate = r["flops_per_step"]["rnncap" if name == "rnncap" else "dense"] / s["median_s"]
-                extra = f"  {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak:.0f}% of GEMM peak"
+            if name in r.get("flop_rate", {}):
+                rate, share = r["flop_rate"][name], r["share_of_peak"][name]
+                extra = f"  {rate / 1e9:.1f} GFLOP/s = {100 * share:.0f}% of peak"
             print(f"  {name:7s} {_spread(s)}  {s['tokens_per_s']:9.0f} tokens/s{extra}")
     if "ratio" in r:
         pr = r["ratio_per_round"]
-        print(f"  ratio rnncap/torch throughput: {r['ratio']:.2f} "
-              f"(per round {pr['min']:.2f}-{pr['max']:.2f}); first losses "
+        print(f"  ratio rnncap/torch throughput: {r['ratio']:.2f} (of medians); per round "
+              f"{pr['median']:.2f} median, {pr['min']:.2f}-{pr['max']:.2f}; first losses "
               + ", ".join(f"{k} {v:.5f}" for k, v in r["first_loss"].items()))
 
 
@@ -698,5 +777,5 @@ def _print_memory(r):
                 continue
             t = (f", tracemalloc {m['tracemalloc_step_peak_bytes'] / 2**20:.0f} MiB"
                  if "tracemalloc_step_peak_bytes" in m else "")
-            parts.append(f"{name} +{m['maxrss_delta_bytes'] / 2**20:.0f} MiB{t}")
+            parts.append(f"{name} +{m['peak_growth_bytes'] / 2**20:.0f} MiB{t}")
     print(f"N={r['N']}: " + "; ".join(parts))

@@ -16,7 +16,9 @@ There is exactly one copy of each cell's math: the private "gate kernels"
 and back. The step layers, the sequence layers and the decoders all go through them.
 The sequence layers only differ from a loop of steps in *where* the matmuls happen:
 ``x @ Wx`` for all time steps is one GEMM before the loop, and ``dx``, ``dWx`` and
-``dWh`` are one GEMM each after it.
+``dWh`` are one GEMM each after it. Given ``lengths``, they run the sequences packed
+longest first (like PyTorch's PackedSequence), so steps past a sequence's end, which
+cannot reach the loss, cost nothing. docs/performance.md has the measurements.
 """
 from __future__ import annotations
 
@@ -496,19 +498,28 @@ def temporal_softmax_loss(x, y, mask, label_smoothing=0.0):
 # Dropout (inverted): used by the model when training with dropout > 0
 # ----------------------------------------------------------------------------------
 
+def dropout_mask(shape, p, rng, dtype, xp=np):
+    """The mask ``dropout_forward`` multiplies by: 0 with probability p, else
+    1/(1-p), as an array of ``dtype`` on ``xp``; None when p <= 0 (no draw).
+
+    ``rng`` is a ``numpy.random.Generator``; the mask is drawn on the host so that
+    runs are reproducible bit for bit whatever the device.
+    """
+    if p <= 0:
+        return None
+    dtype = np.dtype(dtype)
+    keep = rng.random(shape) >= p
+    return xp.asarray(keep.astype(dtype) / dtype.type(1.0 - p))
+
+
 def dropout_forward(x, p, rng):
     """Inverted dropout: zero each element with probability p, scale the rest by
-    1/(1-p). ``rng`` is a ``numpy.random.Generator``; the mask is drawn on the host so
-    that runs are reproducible bit for bit whatever the device.
+    1/(1-p) (see ``dropout_mask``).
 
     Returns out (shape of x) and the mask as cache.
     """
-    xp = get_array_module(x)
-    if p <= 0:
-        return x, None
-    keep = rng.random(x.shape) >= p
-    mask = xp.asarray(keep.astype(x.dtype) / x.dtype.type(1.0 - p))
-    return x * mask, mask
+    mask = dropout_mask(x.shape, p, rng, x.dtype, get_array_module(x))
+    return (x, None) if mask is None else (x * mask, mask)
 
 
 def dropout_backward(dout, cache):

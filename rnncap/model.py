@@ -2,7 +2,8 @@
 
 Read top to bottom: the constructor and its parameters, the training loss with its
 backward pass through time, then the two small pieces the decoders use
-(``init_state`` and ``step``) and greedy ``sample``.
+(``init_state`` and ``step``) and greedy ``sample``; last, how a batch runs in shards
+on several cores.
 
     features --W_proj--> h0
     <START> w1 w2 ... --W_embed--> word vectors --RNN/LSTM--> h_t --W_vocab--> scores
@@ -88,32 +89,62 @@ class CaptioningModel:
         with <START>. The model reads captions[:, :-1] and predicts captions[:, 1:];
         <NULL> targets are masked out. Dropout is active only when ``train`` is true.
 
+        On the CPU with threadpoolctl installed, NumPy's BLAS runs single-threaded
+        here, and a batch large enough is split into shards (up to one per BLAS thread)
+        that run side by side (see the end of this module); the result is the same up
+        to float rounding, and does not depend on the machine's load.
+
         Returns (loss, grads) with grads keyed like ``params``.
         """
         xp = self.xp
-        p = self.params
         features = xp.asarray(features, dtype=self.dtype)
         captions = xp.asarray(captions)
         self._check_inputs(features, captions)
+        N, T = captions.shape[0], captions.shape[1] - 1
+        drop = self.dropout if train else 0.0
+        # Masks are drawn here, in one fixed order, so that the random stream does not
+        # depend on how the batch is split.
+        masks = (L.dropout_mask((N, T, self.wordvec_dim), drop, self.rng, self.dtype, xp),
+                 L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
+        shards = _shards(N, xp)
+        if len(shards) == 1:
+            with _one_blas_thread(xp):
+                return self._loss_rows(features, captions, masks, N)
+        parts = _run_sharded([
+            (lambda s=s: self._loss_rows(features[s], captions[s],
+                                         [m if m is None else m[s] for m in masks], N))
+            for s in shards])
+        loss, grads = parts[0]
+        for part_loss, part_grads in parts[1:]:
+            loss += part_loss
+            for k, g in part_grads.items():
+                grads[k] += g
+        return loss, grads
+
+    def _loss_rows(self, features, captions, masks, batch_size):
+        """``loss`` for some rows of the batch: the loss is divided by the whole
+        batch's ``batch_size``, so the parts of a split batch add up."""
+        xp = self.xp
+        p = self.params
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
         mask = captions_out != self.null_id
-        drop = self.dropout if train else 0.0
+        mask_x, mask_h = masks
 
-        # Forward: project, embed, recur, score.
+        # Forward: project, embed, (dropout), recur, (dropout), score.
         h0, c_proj = L.affine_forward(features, p["W_proj"], p["b_proj"])
         x, c_embed = L.word_embedding_forward(captions_in, p["W_embed"])
-        x, c_drop_x = L.dropout_forward(x, drop, self.rng)
+        x = x if mask_x is None else x * mask_x
         recur_fwd, recur_bwd = ((L.lstm_forward, L.lstm_backward) if self.cell_type == "lstm"
                                 else (L.rnn_forward, L.rnn_backward))
         h, c_recur = recur_fwd(x, h0, p["Wx"], p["Wh"], p["b"], lengths=self._steps_needed(mask))
-        h, c_drop_h = L.dropout_forward(h, drop, self.rng)
+        h = h if mask_h is None else h * mask_h
         # Only positions with a target word reach the loss, so only those are scored:
-        # padding is about a third of a COCO batch's (N, T, V) scores. The result is
+        # padding is about a quarter of a COCO batch's (N, T, V) scores. The result is
         # temporal_affine + temporal_softmax_loss without the rows the mask zeroes.
         N, T, H = h.shape
         keep = xp.flatnonzero(mask.reshape(-1))
         scores, c_vocab = L.affine_forward(h.reshape(N * T, H)[keep], p["W_vocab"], p["b_vocab"])
-        loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], 1.0 / N,
+        loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], 1.0 / batch_size,
                                        label_smoothing=self.label_smoothing)
 
         # Backward through time, in reverse order of the forward pass.
@@ -121,10 +152,9 @@ class CaptioningModel:
         dh_kept, grads["W_vocab"], grads["b_vocab"] = L.affine_backward(dscores, c_vocab)
         dh = xp.zeros((N * T, H), dtype=dh_kept.dtype)
         dh[keep] = dh_kept
-        dh = dh.reshape(N, T, H)
-        dh = L.dropout_backward(dh, c_drop_h)
+        dh = L.dropout_backward(dh.reshape(N, T, H), mask_h)
         dx, dh0, grads["Wx"], grads["Wh"], grads["b"] = recur_bwd(dh, c_recur)
-        dx = L.dropout_backward(dx, c_drop_x)
+        dx = L.dropout_backward(dx, mask_x)
         grads["W_embed"] = L.word_embedding_backward(dx, c_embed)
         _, grads["W_proj"], grads["b_proj"] = L.affine_backward(dh0, c_proj)
         return loss, grads
@@ -165,7 +195,16 @@ class CaptioningModel:
 
         words: (N,) int ids fed at this step; state: from ``init_state`` or ``step``.
         Returns scores (N, V) for the next word and the new state.
+
+        Runs with NumPy's BLAS on one thread (when threadpoolctl is installed): a
+        step's matmuls are too small to share, and a thread team that must meet
+        several times per step is many times slower once other programs compete for
+        the cores. To use more cores, decode several groups of images at once.
         """
+        with _one_blas_thread(self.xp):
+            return self._step_rows(words, state)
+
+    def _step_rows(self, words, state):
         p = self.params
         x = p["W_embed"][words]
         if self.cell_type == "lstm":
@@ -200,3 +239,87 @@ class CaptioningModel:
     def numpy_params(self):
         """Parameters as host NumPy arrays (for checkpoints)."""
         return {k: to_numpy(v) for k, v in self.params.items()}
+
+
+# ---- running a batch in shards, side by side ----------------------------------------
+#
+# NumPy's BLAS parallelises each matmul on its own. The recurrence is a chain of small
+# matmuls, and a thread team that must meet after every one of them loses most of its
+# time in hand-offs: on a machine whose cores are busy with other programs, a training
+# step on two BLAS threads took 5 to 10 times as long as on one (docs/performance.md).
+# So the model runs BLAS on one thread, and uses more cores by splitting a batch into
+# shards, each run on its own thread from start to end, with no meeting until the
+# gradients are added; the elementwise work, which NumPy runs on one core, is spread
+# as well. NumPy releases the GIL in its loops and BLAS calls, so plain Python threads
+# do. A shard costs some efficiency (each of its step matmuls is thinner, and its
+# weight gradients are full-size), so shards are made only with enough rows each.
+# The BLAS limit is process-wide while it lasts: two threads that call ``loss`` at the
+# same time should each run under their own threadpoolctl limit of 1.
+
+_MIN_SHARD_ROWS = 64  # thinner step matmuls run at three-quarters speed or less
+_parallel = {}        # lazily: the threadpoolctl controller and a thread pool
+
+
+def _blas_controller():
+    """threadpoolctl's handle on the BLAS libraries loaded (NumPy's), or None."""
+    if "ctl" not in _parallel:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _parallel["ctl"] = ThreadpoolController().select(user_api="blas")
+        except Exception:  # threadpoolctl missing or unusable: no sharding
+            _parallel["ctl"] = None
+    return _parallel["ctl"]
+
+
+def _one_blas_thread(xp):
+    """Context: NumPy's BLAS limited to one thread (a no-op off the CPU or without
+    threadpoolctl)."""
+    from contextlib import nullcontext
+
+    ctl = _blas_controller() if xp is np else None
+    return ctl.limit(limits=1) if ctl is not None else nullcontext()
+
+
+def _shards(N, xp):
+    """Row slices to split a batch of N into: up to one per BLAS thread NumPy would
+    use (so OPENBLAS_NUM_THREADS=1 or a threadpoolctl limit of 1 turns sharding off),
+    at least _MIN_SHARD_ROWS rows each; a single slice on a GPU. The split depends on
+    N and the thread setting only, so results are reproducible run to run."""
+    ctl = _blas_controller() if xp is np else None
+    threads = max((lib.num_threads for lib in ctl.lib_controllers), default=1) if ctl else 1
+    k = max(1, min(threads, N // _MIN_SHARD_ROWS))
+    bounds = [N * i // k for i in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _run_sharded(fns):
+    """Call every function, with NumPy's BLAS limited to one thread meanwhile, and
+    return their results in order.
+
+    This thread and pool threads take the functions from a shared counter, so when
+    the pool threads are slow to get a core (a busy machine), this thread runs the
+    rest itself: a busy machine costs no more than running on one thread.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    helpers = len(fns) - 1
+    if _parallel.get("pool_size", 0) < helpers:
+        _parallel["pool"] = ThreadPoolExecutor(helpers, thread_name_prefix="rnncap")
+        _parallel["pool_size"] = helpers
+    pool = _parallel["pool"]
+    results = [None] * len(fns)
+    claims = iter(range(len(fns)))  # next() on an iterator is atomic under the GIL
+
+    def work():
+        for i in claims:
+            results[i] = fns[i]()
+
+    with _one_blas_thread(np):
+        futures = [pool.submit(work) for _ in range(helpers)]
+        try:
+            work()
+        finally:
+            for f in futures:  # wait only for helpers that started; drop the others
+                if not f.cancel():
+                    f.result()
+    return results

@@ -38,13 +38,12 @@ COLOURS = {
     "green": (40, 165, 60),
     "blue": (45, 85, 225),
     "yellow": (240, 210, 40),
-    "purple": (140, 55, 190),
 }
 SIZES = ("small", "large")
 COUNTS = (1, 2, 3)
 
 # Object diameter as a fraction of the image side.
-_SIZE_RANGE = {"small": (0.10, 0.13), "large": (0.19, 0.23)}
+_SIZE_RANGE = {"small": (0.13, 0.145), "large": (0.23, 0.25)}
 
 # Words the grammar may use for each value (the first is the canonical one).
 _COUNT_WORDS = {1: ("a", "one"), 2: ("two",), 3: ("three",)}
@@ -150,7 +149,7 @@ def _place_objects(rng, groups, regions, S, margin):
                 x = rng.uniform(x0 + r, x1 - r)
                 y = rng.uniform(margin + r, S - margin - r)
                 # Keep objects apart so counts stay countable.
-                if all((x - o[1]) ** 2 + (y - o[2]) ** 2 > (r + o[3] / 2 + 0.02 * S) ** 2
+                if all((x - o[1]) ** 2 + (y - o[2]) ** 2 > (r + o[3] / 2 + 0.07 * S) ** 2
                        for o in objects):
                     break
             else:
@@ -162,9 +161,11 @@ def _place_objects(rng, groups, regions, S, margin):
 
 
 def _background_colour(rng):
-    # Unsaturated: a grey level plus a small tint.
-    level = rng.uniform(60, 220)
-    tint = rng.uniform(-18, 18, size=3)
+    # Unsaturated and fairly light: a grey level plus a small tint. (Over a wide
+    # brightness range, pretrained features see colour relative to the background,
+    # and a blue square on light grey starts to look like a yellow one on dark.)
+    level = rng.uniform(150, 215)
+    tint = rng.uniform(-12, 12, size=3)
     return [int(np.clip(level + t, 0, 255)) for t in tint]
 
 
