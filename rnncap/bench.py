@@ -504,6 +504,8 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
         if f"torch {kind}" in res:
             res[f"{kind}_ratio"] = (res[f"torch {kind}"]["median_s"]
                                     / res[f"rnncap {kind}"]["median_s"])
+            res[f"{kind}_ratio_per_round"] = _paired_ratios(times[f"torch {kind}"],
+                                                            times[f"rnncap {kind}"])
     return res
 
 
@@ -626,9 +628,10 @@ def _run(args):
     results = {"machine": info, "size": args.size, "dims": dims, "device": args.device,
                "repeats": repeats, "warmup": warmup, "command": " ".join(sys.argv)}
     if args.device == "cpu":
-        from .model import _shards
+        from .model import _MIN_DECODE_ROWS, _shards
 
         results["rnncap_shards"] = {N: len(_shards(N, np)) for N in args.batch_sizes}
+        results["rnncap_decode_shards"] = {N: len(_shards(N, np, _MIN_DECODE_ROWS)) for N in args.batch_sizes}
     _print_header(results)
 
     if "gemm" in args.parts:
@@ -723,8 +726,9 @@ def _print_header(r):
         print(f"torch {m['torch']}: threads={m['torch_threads']}")
     print(f"size {r['size']} {r['dims']} float32, device {r['device']}")
     if "rnncap_shards" in r:
-        print("rnncap runs BLAS single-threaded, a batch in shards side by side: "
-              + ", ".join(f"N={n}: {k} shard{'s' * (k > 1)}" for n, k in r["rnncap_shards"].items()))
+        print("rnncap runs BLAS single-threaded, a batch in shards side by side; training: "
+              + ", ".join(f"N={n} {k} shard{'s' * (k > 1)}" for n, k in r["rnncap_shards"].items())
+              + "; decoding: " + ", ".join(f"N={n} {k}" for n, k in r["rnncap_decode_shards"].items()))
 
 
 def _load(loadavg):
@@ -760,10 +764,14 @@ def _print_decode(r):
             s = r[name]
             print(f"  {name:14s} {_spread(s)}  {s['captions_per_s']:9.0f} captions/s")
     if "greedy_ratio" in r:
-        print(f"  greedy ratio rnncap/torch: {r['greedy_ratio']:.2f}; token agreement "
+        pr = r["greedy_ratio_per_round"]
+        print(f"  greedy ratio rnncap/torch: {r['greedy_ratio']:.2f} (of medians); per round "
+              f"{pr['median']:.2f} median, {pr['min']:.2f}-{pr['max']:.2f}; token agreement "
               f"{100 * r['greedy_token_agreement']:.1f}%")
     if "beam_ratio" in r:
-        print(f"  beam-{r['beam_size']} ratio rnncap/torch: {r['beam_ratio']:.2f}; same top caption "
+        pr = r["beam_ratio_per_round"]
+        print(f"  beam-{r['beam_size']} ratio rnncap/torch: {r['beam_ratio']:.2f} (of medians); per "
+              f"round {pr['median']:.2f} median, {pr['min']:.2f}-{pr['max']:.2f}; same top caption "
               f"for {100 * r['beam_caption_agreement']:.1f}% of images")
 
 

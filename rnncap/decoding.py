@@ -66,8 +66,18 @@ def greedy_decode(model, features, max_length=30, banned=()):
     <START>, with <END> kept and everything after it set to <NULL>.
     """
     xp = model.xp
-    return _decode_word_by_word(model, features, max_length,
-                                lambda scores: _without(scores, banned, xp).argmax(axis=1))
+    choose = lambda scores: _without(scores, banned, xp).argmax(axis=1)  # noqa: E731
+    return np.concatenate(_in_shards(
+        model, lambda part: _decode_word_by_word(model, part, max_length, choose), features))
+
+
+def _in_shards(model, fn, features):
+    """``fn`` over groups of images side by side when the model offers it
+    (``CaptioningModel.in_shards``: one thread per group, meeting once per call, not
+    once per step); else ``[fn(features)]``. Only for decoders whose images do not
+    interact (not sampling, whose random draws are shared across the batch)."""
+    in_shards = getattr(model, "in_shards", None)
+    return in_shards(fn, features) if in_shards is not None else [fn(features)]
 
 
 def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=()):
@@ -141,6 +151,12 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
         raise ValueError(f"beam_size and n_best must be >= 1, got {beam_size} and {n_best}")
     if length_norm < 0:
         raise ValueError(f"length_norm must be >= 0, got {length_norm}")
+    return [hyps for part in _in_shards(
+        model, lambda f: _beam_search(model, f, beam_size, max_length, length_norm, n_best, banned),
+        features) for hyps in part]
+
+
+def _beam_search(model, features, beam_size, max_length, length_norm, n_best, banned):
     xp = model.xp
     k = int(beam_size)
     state = model.init_state(features)

@@ -10,6 +10,8 @@ on several cores.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import layers as L
@@ -106,14 +108,10 @@ class CaptioningModel:
         # depend on how the batch is split.
         masks = (L.dropout_mask((N, T, self.wordvec_dim), drop, self.rng, self.dtype, xp),
                  L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
-        shards = _shards(N, xp)
-        if len(shards) == 1:
-            with _one_blas_thread(xp):
-                return self._loss_rows(features, captions, masks, N)
-        parts = _run_sharded([
-            (lambda s=s: self._loss_rows(features[s], captions[s],
-                                         [m if m is None else m[s] for m in masks], N))
-            for s in shards])
+        parts = _map_shards(
+            lambda s: self._loss_rows(features[s], captions[s],
+                                      [m if m is None else m[s] for m in masks], N),
+            N, xp, _MIN_SHARD_ROWS)
         loss, grads = parts[0]
         for part_loss, part_grads in parts[1:]:
             loss += part_loss
@@ -199,7 +197,8 @@ class CaptioningModel:
         Runs with NumPy's BLAS on one thread (when threadpoolctl is installed): a
         step's matmuls are too small to share, and a thread team that must meet
         several times per step is many times slower once other programs compete for
-        the cores. To use more cores, decode several groups of images at once.
+        the cores. The decoders use more cores by running groups of images side by
+        side (``in_shards``).
         """
         with _one_blas_thread(self.xp):
             return self._step_rows(words, state)
@@ -215,6 +214,19 @@ class CaptioningModel:
             new_state = (h,)
         scores, _ = L.affine_forward(h, p["W_vocab"], p["b_vocab"])
         return scores, new_state
+
+    def in_shards(self, fn, features, min_rows=None):
+        """Call ``fn(part)`` on row shards of ``features`` side by side and return the
+        results in order: one shard per BLAS thread NumPy would use, each at least
+        ``min_rows`` rows (default 16), each on its own thread with single-threaded
+        BLAS; a single call ``[fn(features)]`` when the batch is too small to split, on
+        a GPU, or when already inside a sharded call.
+
+        For work whose rows are independent, such as decoding: the threads meet once
+        per call, not once per step (see the end of this module).
+        """
+        return _map_shards(lambda s: fn(features[s]), len(features), self.xp,
+                           _MIN_DECODE_ROWS if min_rows is None else min_rows)
 
     def sample(self, features, max_length=30):
         """Greedy captions: (N, max_length) int ids, without <START>, padded with
@@ -246,7 +258,7 @@ class CaptioningModel:
 # NumPy's BLAS parallelises each matmul on its own. The recurrence is a chain of small
 # matmuls, and a thread team that must meet after every one of them loses most of its
 # time in hand-offs: on a machine whose cores are busy with other programs, a training
-# step on two BLAS threads took 5 to 10 times as long as on one (docs/performance.md).
+# step on two BLAS threads took 5 to 15 times as long as on one (docs/performance.md).
 # So the model runs BLAS on one thread, and uses more cores by splitting a batch into
 # shards, each run on its own thread from start to end, with no meeting until the
 # gradients are added; the elementwise work, which NumPy runs on one core, is spread
@@ -256,8 +268,14 @@ class CaptioningModel:
 # The BLAS limit is process-wide while it lasts: two threads that call ``loss`` at the
 # same time should each run under their own threadpoolctl limit of 1.
 
-_MIN_SHARD_ROWS = 64  # thinner step matmuls run at three-quarters speed or less
+_MIN_SHARD_ROWS = 64   # thinner step matmuls run at three-quarters speed or less
+_MIN_DECODE_ROWS = 16  # in_shards' default: decoding splits need no such margin
 _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
+_parallel_state = threading.local()  # .inside: this thread is running a shard
+
+
+def _inside_shard():
+    return getattr(_parallel_state, "inside", False)
 
 
 def _blas_controller():
@@ -280,25 +298,36 @@ def _one_blas_thread(xp):
     return ctl.limit(limits=1) if ctl is not None else nullcontext()
 
 
-def _shards(N, xp):
+def _shards(N, xp, min_rows=_MIN_SHARD_ROWS):
     """Row slices to split a batch of N into: up to one per BLAS thread NumPy would
     use (so OPENBLAS_NUM_THREADS=1 or a threadpoolctl limit of 1 turns sharding off),
-    at least _MIN_SHARD_ROWS rows each; a single slice on a GPU. The split depends on
-    N and the thread setting only, so results are reproducible run to run."""
-    ctl = _blas_controller() if xp is np else None
+    at least ``min_rows`` rows each; a single slice on a GPU or inside a shard. The
+    split depends on N and the thread setting only, so results are reproducible run
+    to run."""
+    ctl = _blas_controller() if xp is np and not _inside_shard() else None
     threads = max((lib.num_threads for lib in ctl.lib_controllers), default=1) if ctl else 1
-    k = max(1, min(threads, N // _MIN_SHARD_ROWS))
+    k = max(1, min(threads, N // min_rows))
     bounds = [N * i // k for i in range(k + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _map_shards(fn, N, xp, min_rows):
+    """``[fn(rows) for rows in _shards(N, xp, min_rows)]``, the shards side by side,
+    always with NumPy's BLAS on one thread."""
+    shards = _shards(N, xp, min_rows)
+    if len(shards) == 1:
+        with _one_blas_thread(xp):
+            return [fn(shards[0])]
+    return _run_sharded([(lambda s=s: fn(s)) for s in shards])
 
 
 def _run_sharded(fns):
     """Call every function, with NumPy's BLAS limited to one thread meanwhile, and
     return their results in order.
 
-    This thread and pool threads take the functions from a shared counter, so when
-    the pool threads are slow to get a core (a busy machine), this thread runs the
-    rest itself: a busy machine costs no more than running on one thread.
+    This thread and pool threads take the functions from a shared counter, so when a
+    pool thread is slow to get a core (a busy machine), this thread runs the rest
+    itself instead of waiting for it.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -311,8 +340,12 @@ def _run_sharded(fns):
     claims = iter(range(len(fns)))  # next() on an iterator is atomic under the GIL
 
     def work():
-        for i in claims:
-            results[i] = fns[i]()
+        _parallel_state.inside = True
+        try:
+            for i in claims:
+                results[i] = fns[i]()
+        finally:
+            _parallel_state.inside = False
 
     with _one_blas_thread(np):
         futures = [pool.submit(work) for _ in range(helpers)]

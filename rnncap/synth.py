@@ -43,7 +43,7 @@ SIZES = ("small", "large")
 COUNTS = (1, 2, 3)
 
 # Object diameter as a fraction of the image side.
-_SIZE_RANGE = {"small": (0.13, 0.145), "large": (0.23, 0.25)}
+_SIZE_RANGE = {"small": (0.15, 0.165), "large": (0.26, 0.28)}
 
 # Words the grammar may use for each value (the first is the canonical one).
 _COUNT_WORDS = {1: ("a", "one"), 2: ("two",), 3: ("three",)}
@@ -97,23 +97,30 @@ class Scene:
                             f"with rnncap demo") from None
 
 
-def _sample_group(rng):
-    return Group(int(rng.choice(COUNTS)), str(rng.choice(SIZES)),
+def _sample_group(rng, counts):
+    return Group(int(rng.choice(counts)), str(rng.choice(SIZES)),
                  str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
 
 
-def sample_scene(rng, image_size=128, two_group_prob=0.6):
+def sample_scene(rng, image_size=128, two_group_prob=0.5):
     """Draw a random scene. ``rng`` is a numpy Generator; the scene is a pure
-    function of its state."""
-    groups = [_sample_group(rng)]
+    function of its state.
+
+    A scene is one group of 1-3 objects or, with ``two_group_prob``, two single
+    objects side by side. (Pooled CNN features of a whole scene count one group
+    well, but not two groups at once: see docs/demo.md for the measurements.)
+    """
     if rng.random() < two_group_prob:
-        # The two groups must differ in colour or shape, so a caption naming them
-        # can only be true in one left-right order.
+        groups = [_sample_group(rng, (1,))]
+        # The two must differ in colour or shape, so a caption naming them can only
+        # be true in one left-right order.
         while True:
-            g = _sample_group(rng)
+            g = _sample_group(rng, (1,))
             if (g.colour, g.shape) != (groups[0].colour, groups[0].shape):
                 break
         groups.append(g)
+    else:
+        groups = [_sample_group(rng, COUNTS)]
 
     S = image_size
     margin = 0.04 * S

@@ -158,3 +158,50 @@ def test_loss_in_shards_restores_blas_threads():
         m.sample(features, max_length=4)
         assert {i["num_threads"] for i in threadpoolctl.threadpool_info()
                 if i["user_api"] == "blas"} == {2}
+
+
+def test_in_shards_splits_independent_rows_and_never_nests():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from rnncap import model as M
+    from rnncap.decoding import greedy_decode
+
+    m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=0)
+    features, _ = bench.make_batch(40, dict(T=9, D=6, W=5, H=7, V=19))
+    seen = []
+
+    def decode(part):
+        seen.append(len(part))
+        # a sharded call inside a shard runs whole, on this thread
+        assert len(m.in_shards(len, part)) == 1
+        return greedy_decode(m, part, max_length=6)
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        parts = m.in_shards(decode, features)
+        assert {i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"} == {2}
+    assert sorted(seen) == [20, 20] and len(parts) == 2
+    np.testing.assert_array_equal(np.concatenate(parts), greedy_decode(m, features, max_length=6))
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        assert len(m.in_shards(len, features[:31])) == 1  # under 2 x min_rows: whole
+
+
+def test_decoders_in_shards_match_one_piece():
+    """greedy_decode and beam_search split large batches into groups of images run
+    side by side; the captions are those of a single-threaded run."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from rnncap import decoding
+    from rnncap import model as M
+
+    m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=1)
+    features, _ = bench.make_batch(37, dict(T=9, D=6, W=5, H=7, V=19), seed=5)
+    runs = {}
+    for threads in (2, 1):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            assert len(M._shards(37, np, M._MIN_DECODE_ROWS)) == (2 if threads == 2 else 1)
+            runs[threads] = (decoding.greedy_decode(m, features, max_length=7),
+                             decoding.beam_search(m, features, beam_size=3, max_length=7, n_best=2))
+    np.testing.assert_array_equal(runs[2][0], runs[1][0])
+    assert len(runs[2][1]) == 37
+    for a, b in zip(runs[2][1], runs[1][1]):
+        assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
+        assert [h.logprob for h in a] == pytest.approx([h.logprob for h in b], abs=1e-5)
