@@ -287,12 +287,9 @@ def _train_rnncap(r, cell, seed, data, feats, caps_tr, idx_tr, caps_va, idx_va, 
 
 
 def _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn):
-    import torch
-
     sys.path.insert(0, str(HERE))
     from torch_twin import build_twin, to_rnncap, train_twin
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     twin = build_twin(len(data.vocab), feats["train"].shape[1], r["wordvec"], r["hidden"],
                       dropout=r["dropout"], null_id=data.vocab.null_id,
                       label_smoothing=r["label_smoothing"], seed=seed)

@@ -107,16 +107,17 @@ def sample_scene(rng, image_size=128, two_group_prob=0.5):
     function of its state.
 
     A scene is one group of 1-3 objects or, with ``two_group_prob``, two single
-    objects side by side. (Pooled CNN features of a whole scene count one group
-    well, but not two groups at once: see docs/demo.md for the measurements.)
+    objects side by side. (Pooled CNN features count one group fairly well, but
+    not two at once: with pairs of groups of 1-3, a captioner got the whole
+    description right for 17% of unseen two-group scenes.)
     """
     if rng.random() < two_group_prob:
         groups = [_sample_group(rng, (1,))]
-        # The two must differ in colour or shape, so a caption naming them can only
-        # be true in one left-right order.
+        # The two differ in colour and in shape: then they never pass for one group
+        # of two, and a caption naming them is true in one left-right order only.
         while True:
             g = _sample_group(rng, (1,))
-            if (g.colour, g.shape) != (groups[0].colour, groups[0].shape):
+            if g.colour != groups[0].colour and g.shape != groups[0].shape:
                 break
         groups.append(g)
     else:
@@ -201,10 +202,10 @@ def render_scene(scene, supersample=2):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=rgb)
         else:
             # A square's half-side is shrunk so it covers roughly a circle's area.
-            n, rr = (4, r * 0.9 * np.sqrt(2)) if shape == "square" else (3, r * 1.15)
+            n, rr = (4, r * 0.9 * np.sqrt(2)) if shape == "square" else (3, r * 1.25)
             start = np.deg2rad(angle) + (np.pi / 4 if n == 4 else -np.pi / 2)
             pts = [(x + rr * np.cos(start + 2 * np.pi * i / n),
-                    y + rr * np.sin(start + 2 * np.pi * i / n) + (0.2 * r if n == 3 else 0.0))
+                    y + rr * np.sin(start + 2 * np.pi * i / n) + (0.25 * rr if n == 3 else 0.0))
                    for i in range(n)]
             draw.polygon(pts, fill=rgb)
     if k != 1:
@@ -252,14 +253,16 @@ _ONE_GROUP = (
     "an image of {A}",
     "{A} in the picture",
 )
+# Only templates that name the left group first: with right-first ones as well, the
+# decoder must choose at the first word which half of the image to read, and from
+# a couple of thousand scenes it does not learn to (measured: 65% of two-object
+# scenes right with left-first captions only, 43% with both).
 _TWO_GROUPS = (
     "{L} to the left of {R}",
-    "{R} to the right of {L}",
     "{L} on the left and {R} on the right",
-    "{R} on the right and {L} on the left",
     "on the left {L} and on the right {R}",
     "there {beL} {L} to the left of {R}",
-    "there {beR} {R} to the right of {L}",
+    "a picture of {L} to the left of {R}",
 )
 
 
