@@ -224,10 +224,12 @@ def _background(bg, size):
         coarse = rng.uniform(-30, 30, size=(4, 4)).astype(np.float32)
         img += np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))[..., None]
     elif bg["texture"] == "stripes":
-        freq, theta = rng.uniform(4, 12), rng.uniform(0, np.pi)
+        # Faint and broad: bold, fine stripes doubled the captioner's mistakes
+        # (pretrained features respond strongly to them).
+        freq, theta = rng.uniform(3, 8), rng.uniform(0, np.pi)
         t = np.arange(size, dtype=np.float32) / size
         phase = 2 * np.pi * freq * (t[None, :] * np.cos(theta) + t[:, None] * np.sin(theta))
-        img += (14 * np.sin(phase))[..., None]
+        img += (7 * np.sin(phase))[..., None]
     img += rng.standard_normal(img.shape, dtype=np.float32) * 7
     return np.clip(img, 0, 255).astype(np.uint8)
 
