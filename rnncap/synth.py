@@ -1,19 +1,22 @@
 """Synthetic scenes whose captions can be checked: the data behind ``rnncap demo``.
 
-A scene is one or two groups of identical shapes (count, size, colour, shape), the
-groups side by side, drawn with Pillow on a textured background. Its reference
-captions come from a small grammar and paraphrase each other ("two large red circles
-to the left of a small blue square", "a small blue square to the right of two large
-red circles", ...). Because the grammar is small, any caption can be parsed back into
-facts and judged against the scene, which gives a *semantic accuracy*: the fraction of
-captions that parse and say exactly what the scene holds.
+A scene is a group of one to three identical shapes, or two different shapes side
+by side; each group has a count, a size, a colour and a shape. Scenes are drawn with
+Pillow on textured backgrounds. Five reference captions per scene come from a small
+grammar and paraphrase each other ("three large red circles", "there are three big
+red circles", "a small blue square to the left of a large yellow triangle", "on the
+left a little blue square and on the right a big yellow triangle", ...). Because
+the grammar is small, any caption can be parsed back into facts and judged against
+its scene, which gives a *semantic accuracy*: the fraction of captions that parse
+and say exactly what the scene holds.
 
 Read top to bottom: the vocabulary of the world, scenes and how they are sampled,
 drawing, the grammar that writes captions, the parser and judge that read them back,
 and writing a whole dataset in the caption-list JSON format.
 
-Every attribute is drawn uniformly and independently, so a caption cannot be guessed
-from the caption prior: a model has to look at the image.
+Every attribute is drawn uniformly, so a caption cannot be guessed from the caption
+prior (the most common training caption fits under 5% of new scenes): a model has
+to look at the image.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ FORMAT_VERSION = 1
 
 SHAPES = ("circle", "square", "triangle")
 # Saturated, well separated hues; backgrounds are kept unsaturated so they never
-# pass for an object colour.
+# pass for an object colour. (A fifth, purple, was dropped: the pretrained
+# features confused it with green.)
 COLOURS = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -157,13 +161,13 @@ def _place_objects(rng, groups, regions, S, margin):
                 x = rng.uniform(x0 + r, x1 - r)
                 y = rng.uniform(margin + r, S - margin - r)
                 # Keep objects apart so counts stay countable.
-                if all((x - o[1]) ** 2 + (y - o[2]) ** 2 > (r + o[3] / 2 + 0.07 * S) ** 2
+                if all((x - o[1]) ** 2 + (y - o[2]) ** 2 > (r + o[3] / 2 + 0.10 * S) ** 2
                        for o in objects):
                     break
             else:
                 return None
             angle = rng.uniform(-20, 20) if g.shape != "circle" else 0.0
-            rgb = tuple(int(np.clip(c + rng.integers(-18, 19), 0, 255)) for c in COLOURS[g.colour])
+            rgb = tuple(int(np.clip(c + rng.integers(-10, 11), 0, 255)) for c in COLOURS[g.colour])
             objects.append((gi, round(x, 2), round(y, 2), round(d, 2), round(angle, 2), rgb))
     return objects
 
@@ -173,7 +177,7 @@ def _background_colour(rng):
     # brightness range, pretrained features see colour relative to the background,
     # and a blue square on light grey starts to look like a yellow one on dark.)
     level = rng.uniform(150, 215)
-    tint = rng.uniform(-12, 12, size=3)
+    tint = rng.uniform(-8, 8, size=3)
     return [int(np.clip(level + t, 0, 255)) for t in tint]
 
 
@@ -201,7 +205,9 @@ def render_scene(scene, supersample=2):
         if shape == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=rgb)
         else:
-            # A square's half-side is shrunk so it covers roughly a circle's area.
+            # Sized to cover about a circle's area: a square's half-side is shrunk,
+            # a triangle's circumradius grown (inside the circle it would have
+            # 40% of the area and read as a smaller size).
             n, rr = (4, r * 0.9 * np.sqrt(2)) if shape == "square" else (3, r * 1.25)
             start = np.deg2rad(angle) + (np.pi / 4 if n == 4 else -np.pi / 2)
             pts = [(x + rr * np.cos(start + 2 * np.pi * i / n),
@@ -279,8 +285,7 @@ def describe(scene, rng, k=5):
         t = templates[order[i % len(templates)]]
         for _ in range(20):  # re-draw the word choices until the caption is new
             fields = ({"A": _noun_phrase(g[0], rng), "beA": _be(g[0])} if len(g) == 1 else
-                      {"L": _noun_phrase(g[0], rng), "R": _noun_phrase(g[1], rng),
-                       "beL": _be(g[0]), "beR": _be(g[1])})
+                      {"L": _noun_phrase(g[0], rng), "R": _noun_phrase(g[1], rng), "beL": _be(g[0])})
             c = t.format(**fields)
             if c not in captions:
                 break

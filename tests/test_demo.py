@@ -5,7 +5,6 @@ more often than chance, and the same captioner trained on shuffled features does
 The whole module shares one small run (dataset, features, model) made once."""
 import contextlib
 import io
-import json
 import re
 
 import numpy as np
@@ -96,19 +95,20 @@ def test_pretrained_features_beat_shuffled_ones(small_run, small_data, tmp_path)
     scores near zero (no caption fits a random scene)."""
     out, stdout = small_run
     _, data = small_data
-    # 320 training scenes are few (2000 give about 90%): measured 40% on these 40
-    # test scenes, and 38-55% on validation over the epochs.
+    # 320 training scenes are few (the default 2000 give 94%): measured 30%,
+    # 40% and 50% on the 40 test scenes with --seed 0, 1 and 2. A caption drawn from
+    # the prior fits a random scene well under 1% of the time.
     accuracy = float(re.search(r"^semantic accuracy: (\d+\.\d)%", stdout, re.M).group(1)) / 100
-    assert accuracy >= 0.25
+    assert accuracy >= 0.2
 
     tr = data["splits"]["train"]
     rows = np.random.default_rng(0).permutation(len(tr["features"]))
     shuffled = dict(data, splits=dict(data["splits"], train=dict(tr, features=tr["features"][rows])))
     model, _ = demo.train(shuffled, tmp_path, EPOCHS, progress=False, log=lambda m: None)
     te = data["splits"]["test"]
-    captions = demo.caption_ids(model, data["vocab"], te["features"], beam=3)
+    captions = demo.captions_of(model, data["vocab"], te["features"], beam=3)
     shuffled_accuracy, errors = synth.semantic_accuracy(captions, te["scenes"])
-    assert shuffled_accuracy <= 0.1
+    assert shuffled_accuracy <= 0.05   # measured 0% for seeds 0, 1 and 2
     # It still writes well-formed captions: what it lacks is the scene, not the grammar.
     assert errors.get("unparsed", 0) <= 4
 

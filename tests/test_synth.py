@@ -60,7 +60,9 @@ def test_scene_layout_matches_its_description():
             left = max(o[1] + o[3] / 2 for o in s.objects if o[0] == 0)
             right = min(o[1] - o[3] / 2 for o in s.objects if o[0] == 1)
             assert left < right
-            assert (s.groups[0].colour, s.groups[0].shape) != (s.groups[1].colour, s.groups[1].shape)
+            # A pair is two single objects that differ in colour and in shape.
+            a, b = s.groups
+            assert a.count == b.count == 1 and a.colour != b.colour and a.shape != b.shape
         for _, x, y, d, _, _ in s.objects:
             assert 0 <= x - d / 2 and x + d / 2 <= s.image_size
             assert 0 <= y - d / 2 and y + d / 2 <= s.image_size
