@@ -41,6 +41,10 @@ class Captioner:
                 f"{path}: records no image encoder (it was trained on features that came with "
                 f"the dataset), so it can caption features but not photos")
         encoder = get_encoder(ident["name"], weights=weights)
+        if ident.get("pooling") == "halves":  # the demo's left/right-pooled features
+            from .demo import HalvesEncoder
+
+            encoder = HalvesEncoder(encoder)
         diff = describe_mismatch(ident, encoder.identity())
         if diff:
             raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
