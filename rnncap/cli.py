@@ -46,6 +46,7 @@ positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 # NaN fails every comparison, so these refuse it; inf is refused explicitly.
 positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a positive finite number")
+nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 unit_float = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 

@@ -124,13 +124,13 @@ def format_summary(summary):
 # ---- the command ---------------------------------------------------------------------
 
 def add_arguments(p):
-    from .cli import nonneg_int, positive_int
+    from .cli import nonneg_float, nonneg_int, positive_int
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
     p.add_argument("--data", required=True, help="dataset file or folder (any supported format)")
     p.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
     p.add_argument("--beam", type=positive_int, default=3, help="beam size; 1 = greedy (default %(default)s)")
-    p.add_argument("--length-norm", type=float, default=0.0,
+    p.add_argument("--length-norm", type=nonneg_float, default=0.0,
                    help="beam length normalisation alpha: rank by logprob / len**alpha (default 0 = off)")
     p.add_argument("--features", help="HDF5 feature cache from `rnncap features` (default: the dataset's "
                    "own features, else encode the photos with the checkpoint's encoder)")
@@ -151,8 +151,6 @@ def run(args):
     from .datasets import encode_split, load_dataset
     from .report import write_report
 
-    if args.length_norm < 0:
-        raise RnncapError(f"--length-norm must be >= 0, got {args.length_norm}")
     ckpt = load_checkpoint(args.checkpoint)
     model, vocab = ckpt.model, ckpt.vocab
     data_cfg = ckpt.configs.get("data") or {}

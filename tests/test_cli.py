@@ -27,6 +27,8 @@ def test_help_lists_every_command():
     (["train", "--data", "x.json", "--cell", "gru"], "--cell"),
     (["caption", "a.jpg", "--checkpoint", "c.npz", "--beam", "0"], "--beam"),
     (["caption", "a.jpg", "--checkpoint", "c.npz", "--max-length", "-1"], "--max-length"),
+    (["caption", "a.jpg", "--checkpoint", "c.npz", "--length-norm", "nan"], "--length-norm"),
+    (["evaluate", "--checkpoint", "c.npz", "--data", "x.json", "--length-norm", "-0.5"], "--length-norm"),
 ])
 def test_bad_values_are_one_line_errors(argv, needle):
     r = run_cli(*argv)

@@ -95,3 +95,12 @@ def test_train_on_real_photos_then_caption_full_size_photos(tmp_path, flickr_sub
                       banned=vocab.never_generated)
     ended = [(row == vocab.end_id).any() for row in ids]
     assert sum(ended) >= 8, ids
+
+    # length_norm reaches the beam search: Captioner gives what beam_decode ranks with it,
+    # which here differs from ranking by log-probability alone (so a dropped argument shows)
+    feats = cap.features(photos)
+    by_norm = {a: [vocab.decode(r) for r in beam_decode(cap.model, feats, beam_size=3, max_length=cap.max_length,
+                                                          length_norm=a, banned=vocab.never_generated)]
+               for a in (0.0, 1.0)}
+    assert cap.caption_many(photos, length_norm=1.0) == by_norm[1.0]
+    assert cap.caption_many(photos) == by_norm[0.0] != by_norm[1.0]
