@@ -347,8 +347,8 @@ def sweep_length_norm(run_dir, data, norms):
     for beam in (3, 5):
         for norm in norms:
             m, _ = score(ckpt.model, data, features, beam=beam, meteor=False, length_norm=norm)
-            rows.append({"beam": beam, "length_norm": norm, **{k: m[k] for k in
-                         ("BLEU-4", "CIDEr", "mean_length", "distinct_fraction")}})
+            rows.append({"beam": beam, "length_norm": norm,
+                         **{k: v for k, v in m.items() if isinstance(v, float)}})
             log(f"{run_dir.name} beam {beam}, length norm {norm}: BLEU-4 {m['BLEU-4']:.3f}, "
                 f"CIDEr {m['CIDEr']:.3f}, mean length {m['mean_length']:.2f}")
     (run_dir / "length_norm.json").write_text(json.dumps(rows, indent=1))

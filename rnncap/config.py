@@ -3,7 +3,7 @@ so a run can be resumed or a model rebuilt from the checkpoint alone."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

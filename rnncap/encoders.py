@@ -256,7 +256,8 @@ def _torch_device(device):
 _B0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
               (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 # variant: (width multiplier, depth multiplier, input resolution), from the
-# EfficientNet-Lite release notes of the TensorFlow TPU models repository.
+# EfficientNet-Lite builder of the TensorFlow TPU models repository (the strict
+# weight load confirms every channel and block count they give).
 _LITE_SCALING = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
 
 

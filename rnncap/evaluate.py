@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, DataError, RnncapError
+from .errors import CheckpointError, DataError
 
 DIVERSITY_LABELS = {
     "distinct_captions": "distinct captions",

@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
-
-from .errors import CheckpointError, RnncapError
+from .errors import CheckpointError
 
 
 class Captioner:

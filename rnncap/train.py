@@ -374,7 +374,6 @@ def run(args):
     from .checkpoint import load_checkpoint
     from .datasets import load_dataset
     from .model import CaptioningModel
-    from .vocab import Vocab
 
     if args.weight_decay < 0 or args.clip < 0:
         raise RnncapError("--weight-decay and --clip must be >= 0")
