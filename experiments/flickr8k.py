@@ -25,6 +25,7 @@ The runs:
   rnn              rnncap vanilla RNN, the tuned recipe
   lstm-twin-recipe rnncap LSTM, the twin's recipe (the parity check)
   torch-twin       the PyTorch twin (experiments/torch_twin.py), the twin's recipe
+  torch-twin-same-init  the same, started from rnncap's initial weights for the seed
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ RUNS = {  # name: (implementation, recipe, cell)
     "rnn": ("rnncap", "tuned", "rnn"),
     "lstm-twin-recipe": ("rnncap", "twin", "lstm"),
     "torch-twin": ("torch", "twin", "lstm"),
+    "torch-twin-same-init": ("torch-rnncap-init", "twin", "lstm"),
 }
 DECODERS = (("greedy", 1), ("beam3", 3), ("beam5", 5))
 
@@ -224,8 +226,9 @@ def run_one(name, seed, data, args):
     val_fn = val_fn_for(data, feats["val"])
 
     t0 = time.perf_counter()
-    if impl == "torch":
-        model, history, untrained = _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn)
+    if impl.startswith("torch"):
+        model, history, untrained = _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn,
+                                                same_init=impl == "torch-rnncap-init")
         chosen = {"epoch": max(history, key=lambda h: h["val_cider"])["epoch"], "averaged": 0}
     else:
         model, history, untrained, chosen = _train_rnncap(r, cell, seed, data, feats, caps_tr, idx_tr,
@@ -305,13 +308,18 @@ def _train_rnncap(r, cell, seed, data, feats, caps_tr, idx_tr, caps_va, idx_va, 
     return model, history, untrained, chosen
 
 
-def _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn):
+def _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn, same_init=False):
     sys.path.insert(0, str(HERE))
-    from torch_twin import build_twin, to_rnncap, train_twin
+    from torch_twin import build_twin, load_rnncap, to_rnncap, train_twin
+
+    from rnncap.model import CaptioningModel
 
     twin = build_twin(len(data.vocab), feats["train"].shape[1], r["wordvec"], r["hidden"],
                       dropout=r["dropout"], null_id=data.vocab.null_id,
                       label_smoothing=r["label_smoothing"], seed=seed)
+    if same_init:  # start from the very numbers rnncap's run of this seed starts from
+        load_rnncap(twin, CaptioningModel(len(data.vocab), feats["train"].shape[1], r["wordvec"],
+                                          r["hidden"], cell_type="lstm", seed=seed))
     untrained = val_fn(to_rnncap(twin.eval()))["val_cider"]
     history = train_twin(twin, (feats["train"], caps_tr, idx_tr), lr=r["lr"], lr_decay=r["lr_decay"],
                          batch_size=r["batch_size"], clip=r["clip"], epochs=r["epochs"], seed=seed,

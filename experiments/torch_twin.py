@@ -93,6 +93,26 @@ def to_rnncap(twin, null_id=0, start_id=1, end_id=2):
     return model
 
 
+def load_rnncap(twin, model):
+    """Set the twin's weights to an rnncap ``CaptioningModel``'s (the inverse of
+    ``to_rnncap``): with a fresh model, both implementations start from the same numbers."""
+    import torch
+
+    p = model.params
+
+    def gates(a):  # columns (..., 4H) in rnncap's i, f, o, g -> rows in torch's i, f, g, o
+        i, f, o, g = np.split(np.asarray(a).T, 4, axis=0)
+        return np.concatenate([i, f, g, o], axis=0)
+
+    sd = {"proj.weight": p["W_proj"].T, "proj.bias": p["b_proj"], "embed.weight": p["W_embed"],
+          "lstm.weight_ih_l0": gates(p["Wx"]), "lstm.weight_hh_l0": gates(p["Wh"]),
+          "lstm.bias_ih_l0": gates(p["b"][None, :])[:, 0], "lstm.bias_hh_l0": np.zeros(p["b"].shape),
+          "vocab.weight": p["W_vocab"].T, "vocab.bias": p["b_vocab"]}
+    twin.load_state_dict({k: torch.tensor(np.ascontiguousarray(v), dtype=torch.float32)
+                          for k, v in sd.items()}, strict=True)
+    return twin
+
+
 def train_twin(twin, train, *, lr=3e-3, lr_decay=0.8, batch_size=128, clip=5.0, epochs=15,
                seed=0, val_fn=None, select="val_cider", log=print):
     """Train the twin in place and load the weights of its best epoch back into it.

@@ -48,6 +48,20 @@ def test_twin_converts_to_an_rnncap_model_with_the_same_loss():
     step_scores, _ = model.step(np.ones(6, dtype=np.int64), model.init_state(feats))
     np.testing.assert_allclose(step_scores, scores, rtol=1e-4, atol=1e-5)
 
+    # load_rnncap is its inverse: an rnncap model's weights go into the twin and back
+    # unchanged, and the twin then computes rnncap's loss
+    from rnncap.model import CaptioningModel
+
+    ours = CaptioningModel(V, D, W, H, cell_type="lstm", seed=5)
+    ours.params["b"] = rng.standard_normal(4 * H).astype(np.float32)  # distinct gate biases
+    twin = twin_mod.load_rnncap(twin_mod.build_twin(V, D, W, H, seed=9), ours).eval()
+    back = twin_mod.to_rnncap(twin)
+    for k, v in ours.params.items():
+        np.testing.assert_allclose(back.params[k], v, rtol=0, atol=1e-7, err_msg=k)
+    with torch.no_grad():
+        theirs = float(twin.loss(torch.from_numpy(feats), torch.from_numpy(caps)))
+    assert ours.loss(feats, caps, train=False)[0] == pytest.approx(theirs, rel=1e-5)
+
 
 def test_folding_the_standardisation_into_the_projection_changes_nothing():
     from rnncap.model import CaptioningModel
