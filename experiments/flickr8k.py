@@ -344,8 +344,8 @@ def _save_model(path, model, data, encoder, r, cell, seed):
 
 
 def sweep_length_norm(run_dir, data, norms):
-    """Val BLEU-4 and CIDEr of a finished run's saved model with beam 3 and 5 at each
-    length normalisation (``beam_search``'s ranking logprob / len ** norm), into
+    """Val metrics (METEOR left out) of a finished run's saved model with beam 3 and 5 at
+    each length normalisation (``beam_search``'s ranking logprob / len ** norm), into
     RUN/length_norm.json. The saved model takes raw features (see fold_standardiser)."""
     from rnncap.checkpoint import load_checkpoint
 
@@ -501,12 +501,12 @@ def parse_args(argv=None):
         p.error(f"--features: the runs asked for use {len(encoders)} encoders ({', '.join(sorted(encoders))}); "
                 f"leave --features out so each gets OUT/features-ENCODER.h5")
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    from rnncap.cli import nonneg_float  # the check `rnncap caption --length-norm` uses
+
     try:
-        args.length_norm_list = [float(s) for s in args.length_norms.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--length-norms: numbers separated by commas, got {args.length_norms!r}")
-    if any(not np.isfinite(v) or v < 0 for v in args.length_norm_list):
-        p.error("--length-norms: each must be a number >= 0")
+        args.length_norm_list = [nonneg_float(s) for s in args.length_norms.split(",") if s.strip()]
+    except argparse.ArgumentTypeError as e:
+        p.error(f"--length-norms: {e}")
     args.decoder_list = [d.strip() for d in args.decoders.split(",") if d.strip()]
     bad = [d for d in args.decoder_list if d not in dict(DECODERS)]
     if bad or not args.decoder_list:
