@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Checkpoint:
-    model: object                      # CaptioningModel
+    model: object                      # CaptioningModel or AttentionCaptioningModel
     vocab: object                      # Vocab
     encoder: dict | None = None        # identity of the image encoder (name, dims, weights hash)
     pca: dict | None = None            # {"mean": (D,), "components": (D, K)} or None
@@ -67,6 +67,7 @@ def save_checkpoint(path, model, vocab, *, encoder=None, pca=None, configs=None,
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "rnncap_version": __version__,
+        "model_class": type(model).__name__,
         "model": model.config(),
         "model_rng": model.rng.bit_generator.state,
         "configs": configs or {},
@@ -118,7 +119,7 @@ def _atomic_savez(path, arrays):
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by ``save_checkpoint``. Raises CheckpointError with one
     line naming the file for anything that is not a valid, compatible checkpoint."""
-    from .model import CaptioningModel
+    from .model import model_class
     from .vocab import Vocab
 
     path = os.fspath(path)
@@ -133,13 +134,9 @@ def load_checkpoint(path, device="cpu"):
         raise CheckpointError(f"{path}: written in checkpoint format {version}, but this rnncap "
                               f"reads format {FORMAT_VERSION} at most: upgrade rnncap")
     try:
-        mc = dict(meta["model"])
-        model = CaptioningModel(mc["vocab_size"], mc["input_dim"], mc["wordvec_dim"],
-                                mc["hidden_dim"], cell_type=mc["cell_type"],
-                                null_id=mc["null_id"], start_id=mc["start_id"],
-                                end_id=mc["end_id"], dtype=np.dtype(mc["dtype"]),
-                                dropout=mc.get("dropout", 0.0),
-                                label_smoothing=mc.get("label_smoothing", 0.0))
+        # Checkpoints written before there was a second model hold a CaptioningModel.
+        cls = model_class(meta.get("model_class", "CaptioningModel"))
+        model = cls.from_config(dict(meta["model"]))
         vocab = Vocab.from_dict(meta["vocab"])
     except CheckpointError:
         raise

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. input_dim and vocab_size come from the data."""
+    """Decoder shape. input_dim and vocab_size come from the data.
+
+    model: "h0" (the image is the initial hidden state, ``CaptioningModel``) or
+    "attention" (soft attention over the spatial map, ``AttentionCaptioningModel``,
+    LSTM only). attention_dim and attention_reg (the doubly stochastic lambda) are
+    the attention model's."""
+    model: str = "h0"
     cell_type: str = "lstm"
     wordvec_dim: int = 256
     hidden_dim: int = 512
@@ -17,6 +23,8 @@ class ModelConfig:
     dtype: str = "float32"
     input_dim: int = 0
     vocab_size: int = 0
+    attention_dim: int = 512
+    attention_reg: float = 1.0
 
 
 @dataclass

@@ -237,6 +237,17 @@ class CaptioningModel:
 
     # -- (de)serialisation helpers ----------------------------------------------------
 
+    @classmethod
+    def from_config(cls, config, seed=None):
+        """Rebuild from ``config()`` (keys this version does not know are ignored)."""
+        import inspect
+
+        names = set(inspect.signature(cls).parameters) - {"seed"}
+        kw = {k: v for k, v in config.items() if k in names}
+        if "dtype" in kw:
+            kw["dtype"] = np.dtype(kw["dtype"])
+        return cls(seed=seed, **kw)
+
     def config(self):
         """The constructor arguments, as plain JSON-able values."""
         return {
@@ -356,3 +367,35 @@ def _run_sharded(fns):
                 if not f.cancel():
                     f.result()
     return results
+
+
+# ---- which class a checkpoint or config names ---------------------------------------
+
+def model_class(name):
+    """The model class a checkpoint names ("CaptioningModel", "AttentionCaptioningModel")."""
+    if name == "CaptioningModel":
+        return CaptioningModel
+    if name == "AttentionCaptioningModel":
+        from .attention import AttentionCaptioningModel
+
+        return AttentionCaptioningModel
+    raise ValueError(f"unknown model class {name!r}")
+
+
+def build_model(model_cfg, vocab, seed=None):
+    """A fresh model for a ``ModelConfig`` (input_dim and vocab_size filled in) and a
+    ``Vocab``: ``CaptioningModel`` for model "h0", ``AttentionCaptioningModel`` for
+    "attention"."""
+    common = dict(vocab_size=len(vocab), input_dim=model_cfg.input_dim,
+                  wordvec_dim=model_cfg.wordvec_dim, hidden_dim=model_cfg.hidden_dim,
+                  null_id=vocab.null_id, start_id=vocab.start_id, end_id=vocab.end_id,
+                  dtype=np.dtype(model_cfg.dtype), seed=seed, dropout=model_cfg.dropout,
+                  label_smoothing=model_cfg.label_smoothing)
+    if model_cfg.model == "h0":
+        return CaptioningModel(cell_type=model_cfg.cell_type, **common)
+    if model_cfg.model == "attention":
+        if model_cfg.cell_type != "lstm":
+            raise ValueError(f"the attention model is an LSTM; got cell {model_cfg.cell_type!r}")
+        return model_class("AttentionCaptioningModel")(
+            attention_dim=model_cfg.attention_dim, attention_reg=model_cfg.attention_reg, **common)
+    raise ValueError(f"model must be 'h0' or 'attention', got {model_cfg.model!r}")

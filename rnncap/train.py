@@ -327,7 +327,7 @@ def _features_for(path, split_name, split, pca, encoder):
 
 
 def add_arguments(p):
-    from .cli import nonneg_int, positive_float, positive_int, unit_float
+    from .cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 
     d = (DataConfig(), ModelConfig(), TrainConfig())
     g = p.add_argument_group("data")
@@ -343,11 +343,18 @@ def add_arguments(p):
     g.add_argument("--top-k", type=nonneg_int, default=d[0].top_k,
                    help="keep at most this many words, 0 = no cap (default %(default)s)")
     g = p.add_argument_group("model")
+    g.add_argument("--model", choices=["h0", "attention"], default=d[1].model,
+                   help="h0: the image is the initial state; attention: soft attention over the "
+                        "spatial map (needs `rnncap features --maps`) (default %(default)s)")
     g.add_argument("--cell", choices=["rnn", "lstm"], default=d[1].cell_type)
     g.add_argument("--wordvec", type=positive_int, default=d[1].wordvec_dim, help="W (default %(default)s)")
     g.add_argument("--hidden", type=positive_int, default=d[1].hidden_dim, help="H (default %(default)s)")
     g.add_argument("--dropout", type=unit_float, default=d[1].dropout)
     g.add_argument("--label-smoothing", type=unit_float, default=d[1].label_smoothing)
+    g.add_argument("--attention-dim", type=positive_int, default=d[1].attention_dim,
+                   help="A, the attention model's hidden size (default %(default)s)")
+    g.add_argument("--attention-reg", type=nonneg_float, default=d[1].attention_reg,
+                   help="lambda of the doubly stochastic attention penalty (default %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
     g.add_argument("--lr", type=positive_float, default=d[2].lr, help="(default %(default)s)")
@@ -373,7 +380,7 @@ def add_arguments(p):
 def run(args):
     from .checkpoint import load_checkpoint
     from .datasets import load_dataset
-    from .model import CaptioningModel
+    from .model import build_model
 
     if args.weight_decay < 0 or args.clip < 0:
         raise RnncapError("--weight-decay and --clip must be >= 0")
@@ -400,9 +407,10 @@ def run(args):
         data_cfg = DataConfig(captions=args.data, features=args.features or "",
                               max_length=args.max_length, too_long=args.too_long,
                               min_count=args.min_count, top_k=args.top_k)
-        model_cfg = ModelConfig(cell_type=args.cell, wordvec_dim=args.wordvec,
+        model_cfg = ModelConfig(model=args.model, cell_type=args.cell, wordvec_dim=args.wordvec,
                                 hidden_dim=args.hidden, dropout=args.dropout,
-                                label_smoothing=args.label_smoothing)
+                                label_smoothing=args.label_smoothing,
+                                attention_dim=args.attention_dim, attention_reg=args.attention_reg)
         train_cfg = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                                 lr_decay=args.lr_decay, weight_decay=args.weight_decay,
                                 clip_norm=args.clip, batch_size=args.batch_size,
@@ -424,17 +432,15 @@ def run(args):
 
     if ckpt is not None:
         model = ckpt.model
-        if model.input_dim != train_feats.shape[1]:
-            raise RnncapError(f"{data_cfg.features}: features are {train_feats.shape[1]}-d but the "
+        if model.input_dim != train_feats.shape[-1]:
+            raise RnncapError(f"{data_cfg.features}: features are {train_feats.shape[-1]}-d but the "
                               f"checkpoint {args.resume} expects {model.input_dim}-d")
     else:
-        model_cfg.input_dim, model_cfg.vocab_size = int(train_feats.shape[1]), len(vocab)
-        model = CaptioningModel(len(vocab), model_cfg.input_dim, model_cfg.wordvec_dim,
-                                model_cfg.hidden_dim, cell_type=model_cfg.cell_type,
-                                null_id=vocab.null_id, start_id=vocab.start_id,
-                                end_id=vocab.end_id, dtype=np.dtype(model_cfg.dtype),
-                                seed=train_cfg.seed, dropout=model_cfg.dropout,
-                                label_smoothing=model_cfg.label_smoothing)
+        model_cfg.input_dim, model_cfg.vocab_size = int(train_feats.shape[-1]), len(vocab)
+        try:
+            model = build_model(model_cfg, vocab, seed=train_cfg.seed)
+        except ValueError as e:
+            raise RnncapError(f"--model/--cell: {e}") from None
     if train_cfg.device != "cpu":
         model.to(train_cfg.device)
 
