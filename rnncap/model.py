@@ -84,12 +84,17 @@ class CaptioningModel:
 
     # -- training loss ---------------------------------------------------------------
 
-    def loss(self, features, captions, train=True):
+    def loss(self, features, captions, train=True, token_weights=None):
         """Loss and gradients for a minibatch.
 
         features: (N, D) image features; captions: (N, T+1) int ids, each starting
         with <START>. The model reads captions[:, :-1] and predicts captions[:, 1:];
         <NULL> targets are masked out. Dropout is active only when ``train`` is true.
+
+        token_weights: None, or (N, T) floats, the weight of each target position
+        captions[:, 1:] (any sign; 0 leaves a position out, whatever its word):
+        ``loss = sum(w * -log p(target)) / N``, with no label smoothing. This is how a
+        policy gradient (``rnncap.scst``) goes through the model's own backward.
 
         On the CPU with threadpoolctl installed, NumPy's BLAS runs single-threaded
         here, and a batch large enough is split into shards (up to one per BLAS thread)
@@ -103,6 +108,11 @@ class CaptioningModel:
         captions = xp.asarray(captions)
         self._check_inputs(features, captions)
         N, T = captions.shape[0], captions.shape[1] - 1
+        if token_weights is not None:
+            token_weights = xp.asarray(token_weights, dtype=self.dtype)
+            if token_weights.shape != (N, T):
+                raise ValueError(f"token_weights must be (N, T) = {(N, T)}; got shape "
+                                 f"{tuple(token_weights.shape)}")
         drop = self.dropout if train else 0.0
         # Masks are drawn here, in one fixed order, so that the random stream does not
         # depend on how the batch is split.
@@ -110,7 +120,8 @@ class CaptioningModel:
                  L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
-                                      [m if m is None else m[s] for m in masks], N),
+                                      [m if m is None else m[s] for m in masks], N,
+                                      None if token_weights is None else token_weights[s]),
             N, xp, _MIN_SHARD_ROWS)
         loss, grads = parts[0]
         for part_loss, part_grads in parts[1:]:
@@ -119,13 +130,18 @@ class CaptioningModel:
                 grads[k] += g
         return loss, grads
 
-    def _loss_rows(self, features, captions, masks, batch_size):
+    def _loss_rows(self, features, captions, masks, batch_size, token_weights=None):
         """``loss`` for some rows of the batch: the loss is divided by the whole
         batch's ``batch_size``, so the parts of a split batch add up."""
         xp = self.xp
         p = self.params
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
-        mask = captions_out != self.null_id
+        if token_weights is None:
+            mask = captions_out != self.null_id
+            smoothing = self.label_smoothing
+        else:
+            mask = token_weights != 0
+            smoothing = 0.0
         mask_x, mask_h = masks
 
         # Forward: project, embed, (dropout), recur, (dropout), score.
@@ -142,8 +158,10 @@ class CaptioningModel:
         N, T, H = h.shape
         keep = xp.flatnonzero(mask.reshape(-1))
         scores, c_vocab = L.affine_forward(h.reshape(N * T, H)[keep], p["W_vocab"], p["b_vocab"])
-        loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], 1.0 / batch_size,
-                                       label_smoothing=self.label_smoothing)
+        weights = (1.0 / batch_size if token_weights is None
+                   else token_weights.reshape(-1)[keep] / batch_size)
+        loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], weights,
+                                       label_smoothing=smoothing)
 
         # Backward through time, in reverse order of the forward pass.
         grads = {}
