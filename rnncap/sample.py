@@ -38,11 +38,7 @@ class Captioner:
             raise CheckpointError(
                 f"{path}: records no image encoder (it was trained on features that came with "
                 f"the dataset), so it can caption features but not photos")
-        encoder = get_encoder(ident["name"], weights=weights)
-        if ident.get("pooling") == "halves":  # the demo's left/right-pooled features
-            from .demo import HalvesEncoder
-
-            encoder = HalvesEncoder(encoder)
+        encoder = get_encoder(ident["name"], weights=weights, pooling=ident.get("pooling") or "mean")
         diff = describe_mismatch(ident, encoder.identity())
         if diff:
             raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
@@ -88,6 +84,31 @@ class Captioner:
             out += self.caption_features(self.features(images[i:i + batch_size]), beam=beam,
                                          max_length=max_length, length_norm=length_norm)
         return out
+
+    def caption_details(self, images, beam=3, n=1, length_norm=0.0, max_length=None):
+        """The ``n`` best captions of each photo with their log-probabilities: a list
+        (per image) of lists of ``{"caption": str, "logprob": float}``, best first.
+
+        The first caption is ``caption()``'s for the same arguments: beam 1 is greedy
+        decoding (log-probability from ``sequence_log_prob``), a wider beam gives its
+        ``n`` best finished hypotheses. n cannot exceed the beam (a beam of width k
+        holds k captions). ``logprob`` is the model's over the whole vocabulary.
+        """
+        from .decoding import beam_search, greedy_decode, sequence_log_prob
+
+        if not 1 <= n <= max(beam, 1):
+            raise ValueError(f"n must be between 1 and the beam size ({beam}), got {n}")
+        feats = self.features(images)
+        L, banned = max_length or self.max_length, self.vocab.never_generated
+        if beam <= 1:
+            ids = greedy_decode(self.model, feats, max_length=L, banned=banned)
+            best = [[(row, lp)] for row, lp in zip(ids, sequence_log_prob(self.model, feats, ids))]
+        else:
+            best = [[(h.ids, h.logprob) for h in hyps] for hyps in beam_search(
+                self.model, feats, beam_size=beam, max_length=L, length_norm=length_norm,
+                n_best=n, banned=banned)]
+        return [[{"caption": self.vocab.decode(ids), "logprob": float(lp)} for ids, lp in hyps]
+                for hyps in best]
 
 
 def add_arguments(p):

@@ -118,4 +118,8 @@ def test_features_are_pooled_per_half():
     maps[0, 0, :, :3] = 1.0      # channel 0 fires on the left
     maps[0, 1, :, 4:] = 2.0      # channel 1 on the right
     maps[0, :, :, 3] = 9.0       # the middle column is left out
-    assert demo.pool_halves(maps).tolist() == [[1.0, 0.0, 0.0, 2.0]]
+    import torch
+
+    from rnncap.encoders import _pool_halves
+
+    assert _pool_halves(torch.from_numpy(maps)).tolist() == [[1.0, 0.0, 0.0, 2.0]]

@@ -72,6 +72,34 @@ def test_features_maps_and_identity(lite0, tmp_path):
     assert "weights_sha256" in describe_mismatch(ident, {**ident, "weights_sha256": "0" * 16})
 
 
+def test_pooling_is_an_encoder_option_recorded_in_its_identity(lite0):
+    x = np.stack([lite0.preprocess(skdata.chelsea()), lite0.preprocess(Image.fromarray(skdata.coffee()))])
+    pooled = lite0.encode(x)
+    maps = lite0.encode_maps(x)                                   # (2, 1280, 7, 7)
+    net = lite0._net
+    want = {  # pooling: (features, shape) computed here from the maps themselves
+        "map": maps.reshape(2, 1280, 49).transpose(0, 2, 1),
+        "halves": np.concatenate([maps[..., :3].mean(axis=(2, 3)), maps[..., -3:].mean(axis=(2, 3))], axis=1),
+    }
+    with torch.inference_mode():
+        block = net.block_maps(torch.from_numpy(x)).numpy()
+    want["block-map"] = block.reshape(2, 320, 49).transpose(0, 2, 1)
+    for pooling, expected in want.items():
+        enc = get_encoder(pooling=pooling)
+        got = enc.encode(x)
+        assert got.shape == expected.shape == (2, *enc.feature_shape), pooling
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        ident = enc.identity()
+        assert ident["pooling"] == pooling and ident["feature_dim"] == enc.feature_dim
+        assert describe_mismatch(lite0.identity(), ident) is not None
+    np.testing.assert_allclose(want["map"].mean(axis=1), pooled, rtol=1e-4, atol=1e-5)
+    # Identities stored before poolings existed meant the global mean.
+    old = {k: v for k, v in lite0.identity().items() if k != "pooling"}
+    assert describe_mismatch(old, lite0.identity()) is None
+    with pytest.raises(RnncapError, match="pooling"):
+        get_encoder(pooling="max")
+
+
 def test_preprocess_squashes_the_whole_frame(lite0):
     # A 448x224 photo, red on the left, blue on the right: squashing keeps both halves
     # (a centre crop would not), and 224x224 pixels pass through unresampled.
