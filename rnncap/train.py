@@ -33,11 +33,18 @@ class Trainer:
     val: the same form, or None.
     checkpoint_fn(path, state): writes a checkpoint; ``state`` is what ``restore`` takes.
     count_fn(targets_batch) -> int: units for the throughput figure (default: rows).
+    val_fn(model) -> {name: float}: more validation metrics after each epoch; ``select``
+        = (metric, "min" or "max") picks the epoch kept as best.npz.
+    step_stats() -> {name: float}: figures of the step just taken (an objective's mean
+        reward, say), shown on the progress bar and kept per iteration as "train_NAME".
+    keep_top: also keep the parameters of the ``keep_top`` best epochs so far as
+        ``epoch-E.npz`` (without optimizer state), for ``average_top_epochs``.
     """
 
     def __init__(self, model, train, cfg: TrainConfig, val=None, out_dir=None,
                  checkpoint_fn=None, count_fn=None, unit="samples", val_fn=None,
-                 select=("val_loss", "min"), progress=None, log=None):
+                 select=("val_loss", "min"), progress=None, log=None, step_stats=None,
+                 keep_top=0):
         if cfg.optimizer not in optim.RULES:
             raise RnncapError(f"optimizer must be one of {sorted(optim.RULES)}, got {cfg.optimizer!r}")
         self.model, self.cfg = model, cfg
@@ -48,6 +55,9 @@ class Trainer:
         self.unit = unit
         self.val_fn = val_fn
         self.select_key, self.select_mode = select
+        self.step_stats = step_stats
+        self.keep_top = int(keep_top)
+        self.top = []             # [[epoch, metric], ...] of the kept snapshots, best first
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.epoch = 0            # epochs completed
@@ -65,12 +75,13 @@ class Trainer:
 
     def state(self):
         return {"epoch": self.epoch, "iteration": self.iteration, "best": self.best,
-                "optimizer": self.opt_state, "history": self.history}
+                "top": self.top, "optimizer": self.opt_state, "history": self.history}
 
     def restore(self, state):
         self.epoch = int(state.get("epoch", 0))
         self.iteration = int(state.get("iteration", 0))
         self.best = state.get("best")
+        self.top = [list(t) for t in state.get("top") or []]
         xp = self.model.xp
         opt = state.get("optimizer") or {}
         self.opt_state = {k: {kk: (xp.asarray(vv) if hasattr(vv, "shape") else vv)
@@ -148,8 +159,11 @@ class Trainer:
                 self.history["iteration"].append(self.iteration)
                 self.history["train_loss"].append(float(loss))
                 self.history["epoch"].append(self.epoch + (b + 1) / len(batches))
+                stats = self.step_stats() if self.step_stats is not None else {}
+                for k, v in stats.items():
+                    self.history.setdefault(f"train_{k}", []).append(float(v))
                 rate = units / max(time.perf_counter() - t0, 1e-9)
-                bar.update(loss, rate, self.unit)
+                bar.update(loss, rate, self.unit, stats)
                 if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self._save("last.npz")
                 if cfg.max_iters and self.iteration >= cfg.max_iters:
@@ -173,11 +187,33 @@ class Trainer:
             if improved:
                 self.best = {"epoch": self.epoch, "iteration": self.iteration,
                              self.select_key: metrics.get(self.select_key)}
+            stale = self._keep_snapshot(metrics.get(self.select_key))
             self._save("last.npz")
+            for path in stale:  # only once last.npz no longer lists them
+                os.remove(path)
             if improved:
                 self._save("best.npz")
             self._write_logs()
         return self.history
+
+    def _keep_snapshot(self, value):
+        """Keep this epoch's parameters if it ranks among the ``keep_top`` best so far.
+        Returns the paths of the snapshots it pushes out, for the caller to remove."""
+        if not self.keep_top or value is None or not self.out_dir or self.checkpoint_fn is None:
+            return []
+        sign = 1.0 if self.select_mode == "min" else -1.0
+        ranked = sorted([t for t in self.top if t[0] != self.epoch] + [[self.epoch, float(value)]],
+                        key=lambda t: (sign * t[1], t[0]))
+        kept, dropped = ranked[:self.keep_top], ranked[self.keep_top:]
+        if any(e == self.epoch for e, _ in kept):
+            state = {k: v for k, v in self.state().items() if k != "optimizer"}
+            self.checkpoint_fn(self.snapshot_path(self.epoch), state)
+        self.top = kept
+        return [p for p in (self.snapshot_path(e) for e, _ in dropped if e != self.epoch)
+                if os.path.exists(p)]
+
+    def snapshot_path(self, epoch):
+        return os.path.join(self.out_dir, f"epoch-{epoch}.npz")
 
     def _is_better(self, value):
         if value is None:  # nothing to select on: the latest epoch counts as best
@@ -197,15 +233,17 @@ class Trainer:
         path = os.path.join(self.out_dir, "log.csv")
         tmp = path + ".tmp"
         h = self.history
+        per_step = ["train_loss"] + sorted(k for k in h if k.startswith("train_") and k != "train_loss")
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["iteration", "epoch", "train_loss"])
-            for row in zip(h["iteration"], h["epoch"], h["train_loss"]):
+            w.writerow(["iteration", "epoch"] + per_step)
+            for row in zip(h["iteration"], h["epoch"], *(h[k] for k in per_step)):
                 w.writerow(row)
         os.replace(tmp, path)
         with open(os.path.join(self.out_dir, "val_log.csv"), "w", newline="") as f:
             w = csv.writer(f)
-            keys = [k for k in h if k not in ("iteration", "epoch", "train_loss", "val_iteration")]
+            keys = [k for k in h if k not in ("iteration", "epoch", "val_iteration")
+                    and not k.startswith("train_")]
             w.writerow(["iteration"] + keys)
             for i, it in enumerate(h["val_iteration"]):
                 w.writerow([it] + [h[k][i] if i < len(h[k]) else "" for k in keys])
@@ -226,9 +264,10 @@ class _progress:
             except ImportError:
                 pass
 
-    def update(self, loss, rate, unit):
+    def update(self, loss, rate, unit, stats=None):
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f}, {rate:,.0f} {unit}/s", refresh=False)
+            extra = "".join(f", {k} {v:.3f}" for k, v in (stats or {}).items())
+            self.bar.set_postfix_str(f"loss {loss:.3f}{extra}, {rate:,.0f} {unit}/s", refresh=False)
             self.bar.update(1)
 
     def close(self):

@@ -305,3 +305,58 @@ def test_sigkill_keeps_a_loadable_checkpoint_and_resume_works(tmp_path, mode, ma
     tr.fit()
     assert tr.iteration == it + 4
     assert load_checkpoint(out / "last.npz").train_state["iteration"] == it + 4
+
+
+# -- snapshots of the best epochs, per-step figures --------------------------------------
+
+def scripted_trainer(tmp_path, scores, keep_top, epochs, **kw):
+    """A Trainer whose val_fn reports ``scores[epoch - 1]`` as val_cider, kept on max."""
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab, dropout=0.0)
+    cfg = TrainConfig(lr=1e-2, batch_size=10, epochs=epochs, seed=0)
+    tr = make_trainer(model, (feats, caps, idx), vocab, tmp_path, cfg)
+    tr.val_fn = lambda m: {"val_cider": scores[tr.epoch - 1]}
+    tr.select_key, tr.select_mode = "val_cider", "max"
+    tr.keep_top = keep_top
+    for k, v in kw.items():
+        setattr(tr, k, v)
+    return tr, model
+
+
+def test_the_best_epochs_are_kept_as_snapshots_and_survive_resume(tmp_path):
+    scores = [0.1, 0.5, 0.3, 0.4, 0.2, 0.6]
+    tr, model = scripted_trainer(tmp_path, scores, keep_top=2, epochs=3)
+    params_after = {}
+    tr.log = lambda m: params_after.setdefault(tr.epoch, {k: v.copy() for k, v in model.params.items()})
+    tr.fit()
+    assert tr.top == [[2, 0.5], [3, 0.3]]
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.npz")) == ["epoch-2.npz", "epoch-3.npz"]
+    snap = load_checkpoint(tmp_path / "epoch-2.npz")
+    assert "optimizer" not in snap.train_state  # parameters only
+    for k in model.params:
+        assert np.array_equal(snap.model.params[k], params_after[2][k])
+
+    # Resumed with more epochs: epoch 4 (0.4) pushes out epoch 3, epoch 6 pushes out 4.
+    feats, caps, idx, vocab = toy_problem()
+    tr2 = resume_trainer(tmp_path / "last.npz", (feats, caps, idx), tmp_path,
+                         TrainConfig(lr=1e-2, batch_size=10, epochs=6, seed=0))
+    assert tr2.top == [[2, 0.5], [3, 0.3]]
+    tr2.val_fn = lambda m: {"val_cider": scores[tr2.epoch - 1]}
+    tr2.select_key, tr2.select_mode, tr2.keep_top = "val_cider", "max", 2
+    tr2.fit()
+    assert tr2.top == [[6, 0.6], [2, 0.5]]
+    assert sorted(p.name for p in tmp_path.glob("epoch-*.npz")) == ["epoch-2.npz", "epoch-6.npz"]
+    assert load_checkpoint(tmp_path / "last.npz").train_state["top"] == [[6, 0.6], [2, 0.5]]
+    assert tr2.best["epoch"] == 6
+
+
+def test_step_stats_reach_the_history_and_the_log(tmp_path):
+    calls = []
+    tr, _ = scripted_trainer(tmp_path, [0.1, 0.2], keep_top=0, epochs=2,
+                             step_stats=lambda: {"reward": float(len(calls.append(0) or calls))})
+    h = tr.fit()
+    assert h["train_reward"] == [float(i) for i in range(1, tr.iteration + 1)]
+    header = (tmp_path / "log.csv").read_text().splitlines()[0]
+    assert header == "iteration,epoch,train_loss,train_reward"
+    val_header = (tmp_path / "val_log.csv").read_text().splitlines()[0]
+    assert "train_reward" not in val_header and "val_cider" in val_header
