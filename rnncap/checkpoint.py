@@ -4,7 +4,8 @@ A checkpoint holds everything needed to caption a new photo or to resume trainin
 
 * ``param/<name>``           model parameters
 * ``opt/<name>/<key>``       optimizer state arrays (Adam's m and v, SGD's velocity)
-* ``pca/mean``, ``pca/components``  the PCA applied to encoder features, if any
+* ``pca/mean``, ``pca/components``, ``pca/scale``  the feature transform (PCA and/or
+  standardisation, ``rnncap.features.apply_pca``) applied to encoder features, if any
 * ``__meta__``               UTF-8 JSON as a uint8 array: format name and version, the
   model constructor arguments, the config dataclasses, the vocabulary, the encoder's
   identity, training counters and RNG states, and the loss history.
@@ -58,9 +59,9 @@ def save_checkpoint(path, model, vocab, *, encoder=None, pca=None, configs=None,
                 arrays[f"opt/{pname}/{key}"] = _host(val)
             else:
                 opt_scalars[pname][key] = val if isinstance(val, (int, float)) else _host(val).item()
-    if pca is not None:
-        arrays["pca/mean"] = np.asarray(pca["mean"], dtype=np.float32)
-        arrays["pca/components"] = np.asarray(pca["components"], dtype=np.float32)
+    for key in ("mean", "components", "scale") if pca is not None else ():
+        if pca.get(key) is not None:  # the feature transform (rnncap.features.apply_pca)
+            arrays[f"pca/{key}"] = np.asarray(pca[key], dtype=np.float32)
     from . import __version__
 
     meta = {
@@ -160,7 +161,7 @@ def load_checkpoint(path, device="cpu"):
 
     pca = None
     if "pca/mean" in arrays:
-        pca = {"mean": arrays["pca/mean"], "components": arrays["pca/components"]}
+        pca = {k: arrays.get(f"pca/{k}") for k in ("mean", "components", "scale")}
     train_state = dict(meta.get("train_state") or {})
     opt = {}
     for pname, scalars in (meta.get("optimizer_scalars") or {}).items():

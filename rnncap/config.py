@@ -16,10 +16,10 @@ class ModelConfig:
     the attention model's."""
     model: str = "h0"
     cell_type: str = "lstm"
-    wordvec_dim: int = 256
+    wordvec_dim: int = 512
     hidden_dim: int = 512
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
+    dropout: float = 0.5
+    label_smoothing: float = 0.1
     dtype: str = "float32"
     input_dim: int = 0
     vocab_size: int = 0
@@ -29,19 +29,48 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. lr_decay multiplies the learning rate after every epoch."""
+    """Optimisation. lr_decay multiplies the learning rate after every epoch.
+
+    The defaults (here, in ModelConfig and DataConfig) are the best recipe known on
+    Flickr8k val (docs/results.md). stage "xe" is cross-entropy training; "scst" is
+    self-critical training (rnncap.scst) from the checkpoint ``init``, drawing
+    ``samples`` captions per image, with the "mean" (of the other samples) or "greedy"
+    baseline; its batch_size counts images.
+    """
     optimizer: str = "adam"          # "adam" or "sgd" (with momentum)
-    lr: float = 5e-3
+    lr: float = 3e-3
     momentum: float = 0.9
-    lr_decay: float = 0.95
+    lr_decay: float = 0.8
     weight_decay: float = 0.0
     clip_norm: float = 5.0           # global-norm clipping; 0 disables
     batch_size: int = 128
-    epochs: int = 10
+    epochs: int = 8
     seed: int = 0
     checkpoint_every: int = 0        # iterations between "last" checkpoints; 0 = per epoch
     max_iters: int = 0               # stop after this many iterations in total; 0 = no cap
     device: str = "cpu"
+    select: str = "cider"            # best.npz: "cider" (val CIDEr-D, max) or "loss" (val loss, min)
+    select_beam: int = 1             # captions for val CIDEr-D: 1 = greedy, else beam size
+    average: int = 3                 # average the best K epochs' weights if val CIDEr-D says so; <= 1 off
+    stage: str = "xe"                # "xe" or "scst"
+    init: str = ""                   # scst: the checkpoint the stage started from
+    samples: int = 5                 # scst: captions drawn per image
+    baseline: str = "mean"           # scst: "mean" or "greedy"
+
+
+@dataclass
+class DecodeConfig:
+    """How a checkpoint's captions are decoded unless told otherwise: beam size (1 =
+    greedy) and length normalisation (beam search ranks by logprob / len ** length_norm)."""
+    beam_size: int = 3
+    length_norm: float = 0.5
+
+
+def decode_config(configs) -> DecodeConfig:
+    """The decoding defaults a checkpoint's configs record. Checkpoints written before
+    there were any keep the defaults of their day: beam 3, no length normalisation."""
+    recorded = (configs or {}).get("decode")
+    return from_dict(DecodeConfig, recorded) if recorded is not None else DecodeConfig(3, 0.0)
 
 
 @dataclass
@@ -51,8 +80,9 @@ class DataConfig:
     features: str = ""               # the HDF5 feature cache
     max_length: int = 16             # T: words per caption, <START>/<END> not counted
     too_long: str = "truncate"       # "truncate" or "drop"
-    min_count: int = 1
+    min_count: int = 5
     top_k: int = 0                   # 0 = no cap on the vocabulary size
+    standardize: bool = False        # per-channel unit variance, fitted on train
 
 
 def to_dict(cfg) -> dict:

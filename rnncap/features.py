@@ -4,7 +4,7 @@ File layout (one file, a group per split)::
 
     /                       attrs: format, encoder (identity JSON), dataset
     /{split}/image_ids      (n,) utf-8 strings, the dataset's image order
-    /{split}/features       (n, D) float32
+    /{split}/features       (n, D) float32, or (n, L, C) float16 for spatial maps
     /{split}/done           (n,) bool; a row counts only once its flag is set
     /pca/mean               (D,) float32       optional, fitted on train only
     /pca/components         (D, K) float32     attrs: dim, whiten, fitted_on, n_fit
@@ -19,7 +19,8 @@ row already done is kept, so fix or remove the file and run again. (Skipping bad
 images silently would leave captions without features.)
 
 PCA is fitted on the train features only, so validation images never shape the
-projection. Projections are ``(x - mean) @ components`` in float32 — ``apply_pca``
+projection. For spatial maps (``--maps``: (L, C) per image) it is a per-channel PCA,
+fitted on the C-vectors of all train locations. Projections are ``(x - mean) @ components`` in float32 — ``apply_pca``
 is the one copy of that math, at training and at caption time. Whitening is off by
 default: it inflates the many low-variance directions to unit scale, which mostly
 amplifies noise for a captioner that learns its own input projection.
@@ -44,7 +45,8 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
     """Encode images into the cache at ``out_path``, resuming any finished rows.
 
     split_items: {split: (image_ids, image_paths)}, each a list of n entries.
-    encoder:     an ``rnncap.encoders.Encoder`` (``identity``, ``preprocess``, ``encode``).
+    encoder:     an ``rnncap.encoders.Encoder`` (``identity``, ``feature_shape``,
+                 ``preprocess``, ``encode``).
     pca_dim:     when given, fit a K-dim PCA on the train features and store it.
     workers:     threads that decode and resize images while the network runs.
     dataset:     recorded in the file, for people reading it later.
@@ -59,7 +61,7 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
             ids, paths = [str(i) for i in ids], [os.fspath(p) for p in paths]
             if len(ids) != len(paths):
                 raise RnncapError(f"split {split!r}: {len(ids)} image ids but {len(paths)} paths")
-            group = _split_group(h5py, f, split, ids, encoder.feature_dim, out_path)
+            group = _split_group(h5py, f, split, ids, tuple(encoder.feature_shape), out_path)
             encoded[split] = _fill(f, group, split, paths, encoder, batch_size, progress, workers)
         if pca_dim is not None:
             _store_pca(f, pca_dim, whiten, out_path)
@@ -94,7 +96,7 @@ def _open_for_writing(h5py, path, ident, dataset):
     return f
 
 
-def _split_group(h5py, f, split, ids, dim, path):
+def _split_group(h5py, f, split, ids, shape, path):
     if split == "pca":
         raise RnncapError("a split cannot be called 'pca' (that name holds the PCA)")
     g = f.get(split)
@@ -106,14 +108,18 @@ def _split_group(h5py, f, split, ids, dim, path):
         if stored != ids:
             raise RnncapError(f"{path}: split '{split}' holds a different image list ({len(stored)} images, "
                               f"this dataset has {len(ids)}); use a new --out")
-        if g["features"].shape[1] != dim:
-            raise RnncapError(f"{path}: split '{split}' has {g['features'].shape[1]}-d features, "
-                              f"the encoder gives {dim}-d")
+        if g["features"].shape[1:] != shape:
+            raise RnncapError(f"{path}: split '{split}' has features of shape {g['features'].shape[1:]}, "
+                              f"the encoder gives {shape}")
         return g
     n = len(ids)
     g = f.create_group(split)
     g.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-    g.create_dataset("features", shape=(n, dim), dtype="f4", chunks=(max(1, min(n, 256)), dim) if n else None)
+    # Maps are L times larger; half precision keeps 3 significant digits, far below
+    # the spread of the features, and halves the file (0.9 GB for Flickr8k's 1280 x 49).
+    dtype, rows = ("f2", 32) if len(shape) > 1 else ("f4", 256)
+    g.create_dataset("features", shape=(n, *shape), dtype=dtype,
+                     chunks=(max(1, min(n, rows)), *shape) if n else None)
     g.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
     f.flush()
     return g
@@ -169,16 +175,14 @@ def fit_pca(train_features, dim, whiten=False):
     component's sign is fixed (largest entry positive) so refits agree. With
     ``whiten`` the components are scaled so projections have unit variance.
     """
-    x = np.asarray(train_features, dtype=np.float64)
+    x = np.asarray(train_features)
     if x.ndim != 2:
         raise RnncapError(f"PCA needs (n, D) features, got shape {x.shape}")
     n, d = x.shape
     if not 1 <= dim <= min(n - 1, d):
         raise RnncapError(f"PCA dimension {dim} must be between 1 and {min(n - 1, d)} "
                           f"({n} train features of dimension {d})")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / (n - 1)
+    mean, cov = _mean_and_covariance(x)
     var, vecs = np.linalg.eigh(cov)
     order = np.argsort(var)[::-1][:dim]
     var, comps = np.maximum(var[order], 0.0), vecs[:, order]
@@ -192,17 +196,80 @@ def fit_pca(train_features, dim, whiten=False):
             "whiten": bool(whiten)}
 
 
+def _mean_and_covariance(x, chunk=16384):
+    """Mean (D,) and covariance (D, D) of (n, D) rows in float64, a chunk of rows at a
+    time, so that a float16 map cache (294k rows for Flickr8k) is never copied whole."""
+    n, d = x.shape
+    total = np.zeros(d)
+    for i in range(0, n, chunk):
+        total += x[i:i + chunk].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    cov = np.zeros((d, d))
+    for i in range(0, n, chunk):
+        xc = x[i:i + chunk].astype(np.float64) - mean
+        cov += xc.T @ xc
+    return mean, cov / (n - 1)
+
+
 def apply_pca(features, pca):
-    """Project (N, D) features with a PCA from ``fit_pca``/``read_pca``: (N, K) float32.
-    Works on NumPy and CuPy arrays."""
+    """The feature transform stored with a cache or checkpoint, applied to (N, D)
+    features or (N, L, D) maps (the same map at every location): float32.
+
+    ``pca`` holds "mean" (D,) and, optionally, "components" (D, K) from ``fit_pca``
+    and "scale" (K,) from ``fit_standardizer``: out = ((x - mean) @ components) * scale,
+    each step only when its entry is there. This one function serves training,
+    evaluation and caption time. Works on NumPy and CuPy arrays.
+    """
     from .backend import get_array_module
 
     xp = get_array_module(features)
     mean = xp.asarray(pca["mean"], dtype=xp.float32)
-    comps = xp.asarray(pca["components"], dtype=xp.float32)
     if features.shape[-1] != mean.shape[0]:
         raise RnncapError(f"features are {features.shape[-1]}-d but the PCA expects {mean.shape[0]}-d")
-    return (features.astype(xp.float32, copy=False) - mean) @ comps
+    out = features.astype(xp.float32, copy=False) - mean
+    if pca.get("components") is not None:
+        out = out @ xp.asarray(pca["components"], dtype=xp.float32)
+    if pca.get("scale") is not None:
+        out *= xp.asarray(pca["scale"], dtype=xp.float32)
+    return out
+
+
+def transformed_dim(pca, raw_dim):
+    """Size of a feature vector after ``apply_pca`` (``raw_dim`` without a transform)."""
+    if pca is None:
+        return raw_dim
+    comps = pca.get("components")
+    return int(comps.shape[1]) if comps is not None else int(len(pca["mean"]))
+
+
+def fit_standardizer(features, pca=None):
+    """Per-channel standardisation on top of ``pca`` (None: none yet), fitted on
+    train features *after* that transform: a new transform dict whose "scale" gives
+    every channel unit variance over the train rows (and locations, for maps).
+
+    Without a PCA the mean is fitted here too; with one, its projections already
+    have zero mean on train. Channels with no variance keep scale 1.
+    """
+    x = np.asarray(features)
+    rows = x.reshape(-1, x.shape[-1])
+    mean, var = _mean_and_variance(rows)
+    std = np.sqrt(var)
+    scale = np.where(std > 1e-8, 1.0 / np.maximum(std, 1e-8), 1.0).astype(np.float32)
+    if pca is None:
+        return {"mean": mean.astype(np.float32), "scale": scale}
+    return {**pca, "scale": scale if pca.get("scale") is None else pca["scale"] * scale}
+
+
+def _mean_and_variance(x, chunk=16384):
+    """Per-column mean and variance (population) of (n, D) rows, in float64 chunks."""
+    n, d = x.shape
+    total, sq = np.zeros(d), np.zeros(d)
+    for i in range(0, n, chunk):
+        c = x[i:i + chunk].astype(np.float64)
+        total += c.sum(axis=0)
+        sq += (c * c).sum(axis=0)
+    mean = total / n
+    return mean, np.maximum(sq / n - mean * mean, 0.0)
 
 
 def _store_pca(f, dim, whiten, path):
@@ -213,7 +280,7 @@ def _store_pca(f, dim, whiten, path):
     if not g["done"][...].all():
         raise RnncapError(f"{path}: the train split is not fully encoded; cannot fit the PCA")
     train = g["features"][...]
-    pca = fit_pca(train, dim, whiten)
+    pca = fit_pca(train.reshape(-1, train.shape[-1]), dim, whiten)
     if "pca" in f:
         del f["pca"]
     p = f.create_group("pca")
@@ -301,6 +368,10 @@ def add_arguments(p):
     p.add_argument("--data", required=True, help="dataset: captions file or folder (see docs/datasets.md)")
     p.add_argument("--out", required=True, help="HDF5 feature cache to write (resumed if it exists)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER, choices=ENCODERS, help="image encoder")
+    p.add_argument("--maps", nargs="?", const="head", choices=["head", "block"],
+                   help="keep the spatial map (L locations x C channels, float16) for the attention "
+                        "model instead of pooling it: the head's 1280 channels (default) or the "
+                        "last block's 320 (efficientnet-lite)")
     p.add_argument("--weights", help="encoder weights file (vgg16 needs one; see docs/encoders.md)")
     p.add_argument("--pca", type=positive_int, metavar="K", help="also fit a K-dim PCA on the train features")
     p.add_argument("--pca-whiten", action="store_true", help="whiten the PCA (unit variance per component)")
@@ -334,7 +405,8 @@ def run(args):
         items[name] = (split.image_ids, split.image_paths)
     if args.pca and "train" not in items:
         raise RnncapError("--pca is fitted on the train split; include train in --splits")
-    encoder = get_encoder(args.encoder, weights=args.weights, device=args.device)
+    pooling = {None: "mean", "head": "map", "block": "block-map"}[args.maps]
+    encoder = get_encoder(args.encoder, weights=args.weights, device=args.device, pooling=pooling)
     start = time.perf_counter()
     done = extract_features(items, encoder, args.out, batch_size=args.batch_size, progress=not args.quiet,
                             pca_dim=args.pca, workers=args.workers, dataset=args.data,
@@ -342,8 +414,9 @@ def run(args):
     secs = time.perf_counter() - start
     n = sum(done.values())
     rate = f", {n / secs:.1f} images/s" if n else ""
+    shape = " x ".join(str(d) for d in encoder.feature_shape)
     print(f"{args.out}: encoded {n} images in {secs:.1f} s{rate} with {encoder.name} "
-          f"({encoder.feature_dim}-d); splits: "
+          f"({shape}, pooling {encoder.pooling}); splits: "
           + ", ".join(f"{k} {len(v[0])}" for k, v in items.items())
           + (f"; PCA to {args.pca} dims fitted on train" if args.pca else ""))
     return 0

@@ -43,7 +43,9 @@ class Captioner:
         if diff:
             raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
                                   f"available here ({diff})")
-        expected = ckpt.pca["components"].shape[1] if ckpt.pca is not None else encoder.feature_dim
+        from .features import transformed_dim
+
+        expected = transformed_dim(ckpt.pca, encoder.feature_dim)
         if expected != ckpt.model.input_dim:
             raise CheckpointError(f"{path}: the model expects {ckpt.model.input_dim}-d features "
                                   f"but its encoder and PCA give {expected}-d")

@@ -11,6 +11,7 @@ steps give bitwise the parameters of k + m uninterrupted steps.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -307,20 +308,25 @@ def plot_history(history, path):
 # ======================================================================================
 
 def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("train", "val"),
-                 pca=True, encoder=None):
+                 pca=True, encoder=None, standardize=False):
     """Encode captions and line them up with feature rows.
 
     pca: True to apply the PCA stored in the feature cache, False for raw features, or
-    a {"mean", "components"} dict to apply (a resumed run uses its checkpoint's).
+    a feature-transform dict to apply (a resumed run uses its checkpoint's).
+    standardize: fit a per-channel standardisation on the train features (after the
+    PCA) and add it to the transform, unless the transform has one already.
     encoder: the identity the cache must have been made with (on resume), or None.
 
-    Returns ({split: (features (n, D) float32, captions (M, T+1) int32, image_idx (M,),
-    stats)}, the encoder identity, the PCA); identity and PCA are None for datasets
-    that ship their own features.
+    Returns ({split: (features (n, D) or (n, L, D) float32, captions (M, T+1) int32,
+    image_idx (M,), stats)}, the encoder identity, the feature transform); identity is
+    None for datasets that ship their own features, the transform None when there is
+    nothing to apply. Every split goes through ``apply_pca`` with that one transform,
+    the function caption time uses too.
     """
     from .datasets import encode_split
+    from .features import apply_pca, fit_standardizer
 
-    out, ident, pca_params = {}, None, None
+    out, ident, params = {}, None, pca if isinstance(pca, dict) else None
     for name in splits:
         if name not in dataset.splits:
             if name == "train":
@@ -335,16 +341,24 @@ def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("t
             if not features_path:
                 raise RnncapError("--features is required: this dataset ships no features "
                                   "(make them with `rnncap features`)")
-            feats, ident, pca_params = _features_for(features_path, name, split, pca, encoder)
-        out[name] = (feats, caps, img_idx, stats)
-    return out, ident, pca_params
+            feats, ident, stored = _features_for(features_path, name, split, encoder)
+            if pca is True and params is None:
+                params = stored
+        out[name] = [feats, caps, img_idx, stats]
+    if standardize and (params is None or params.get("scale") is None):
+        train = out["train"][0]
+        params = fit_standardizer(train if params is None else apply_pca(train, params), params)
+    for entry in out.values():
+        if params is not None:
+            entry[0] = apply_pca(entry[0], params)
+    return {k: tuple(v) for k, v in out.items()}, ident, params
 
 
-def _features_for(path, split_name, split, pca, encoder):
-    """Rows of the feature cache for a split, in the dataset's image order, with the
-    PCA applied by the one function that caption time uses too."""
+def _features_for(path, split_name, split, encoder):
+    """Raw rows of the feature cache for a split, in the dataset's image order, the
+    cache's encoder identity and its stored PCA (or None)."""
     from .encoders import describe_mismatch
-    from .features import apply_pca, load_features, read_identity, read_pca
+    from .features import load_features, read_identity, read_pca
 
     ident = read_identity(path)
     if encoder is not None:
@@ -358,11 +372,7 @@ def _features_for(path, split_name, split, pca, encoder):
         raise RnncapError(f"{path}: {len(missing)} images of split '{split_name}' have no "
                           f"features (first: {missing[0]}); rerun `rnncap features`")
     rows = np.fromiter((pos[i] for i in split.image_ids), dtype=np.int64, count=len(split.image_ids))
-    params = pca if isinstance(pca, dict) else (read_pca(path) if pca else None)
-    feats = feats[rows]
-    if params is not None:
-        feats = apply_pca(feats, params)
-    return feats, ident, params
+    return feats[rows], ident, read_pca(path)
 
 
 def add_arguments(p):
@@ -373,6 +383,9 @@ def add_arguments(p):
     g.add_argument("--data", required=False, help="dataset file or folder (any supported format)")
     g.add_argument("--features", help="HDF5 feature cache from `rnncap features`")
     g.add_argument("--no-pca", action="store_true", help="ignore the PCA stored in the feature cache")
+    g.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=d[0].standardize,
+                   help="scale every feature channel to unit variance, fitted on train and kept in "
+                        "the checkpoint (default %(default)s)")
     g.add_argument("--max-length", type=positive_int, default=d[0].max_length,
                    help="words per caption, <START>/<END> not counted (default %(default)s)")
     g.add_argument("--too-long", choices=["truncate", "drop"], default=d[0].too_long,
@@ -445,7 +458,8 @@ def run(args):
             raise RnncapError("--data is required (or --resume CKPT)")
         data_cfg = DataConfig(captions=args.data, features=args.features or "",
                               max_length=args.max_length, too_long=args.too_long,
-                              min_count=args.min_count, top_k=args.top_k)
+                              min_count=args.min_count, top_k=args.top_k,
+                              standardize=args.standardize)
         model_cfg = ModelConfig(model=args.model, cell_type=args.cell, wordvec_dim=args.wordvec,
                                 hidden_dim=args.hidden, dropout=args.dropout,
                                 label_smoothing=args.label_smoothing,
@@ -465,7 +479,8 @@ def run(args):
     else:
         vocab = dataset_vocab(dataset, data_cfg)
     data, encoder, pca_params = prepare_data(dataset, vocab, data_cfg.features, data_cfg, pca=pca,
-                                             encoder=ckpt.encoder if ckpt is not None else None)
+                                             encoder=ckpt.encoder if ckpt is not None else None,
+                                             standardize=data_cfg.standardize and ckpt is None)
     train_feats, train_caps, train_idx, stats = data["train"]
     _print_data_summary(dataset, vocab, data, stats)
 

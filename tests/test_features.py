@@ -13,6 +13,7 @@ from PIL import Image  # noqa: E402
 
 from rnncap.errors import DataError, RnncapError  # noqa: E402
 from rnncap.features import (apply_pca, extract_features, feature_info, fit_pca,  # noqa: E402
+                             fit_standardizer, transformed_dim,
                              load_features, read_identity, read_pca)
 from rnncap.images import load_image  # noqa: E402
 
@@ -25,7 +26,9 @@ class TinyEncoder:
     simulate a run killed midway."""
 
     feature_dim = 6
+    feature_shape = (6,)
     image_size = 8
+    pooling = "mean"
 
     def __init__(self, tag="tiny", fail_after=None):
         self.name, self.fail_after, self.calls = tag, fail_after, 0
@@ -173,6 +176,59 @@ def test_pca_is_fitted_on_train_only_and_applied_identically(items, tmp_path):
     assert enc.calls == 0 and read_pca(a)["components"].shape == (6, 2)
 
 
+class TinyMapEncoder(TinyEncoder):
+    """Spatial maps: a 2x2 grid of locations, each with its own 6-d colour statistics."""
+
+    feature_shape = (4, 6)
+    pooling = "map"
+
+    def identity(self):
+        return {**super().identity(), "pooling": "map"}
+
+    def encode(self, x, batch_size=32):
+        x = np.asarray(x)
+        q = x.reshape(len(x), 3, 2, 4, 2, 4).transpose(0, 2, 4, 1, 3, 5).reshape(len(x), 4, 3, 16)
+        return np.concatenate([q.mean(axis=3), q.std(axis=3)], axis=2).astype(np.float32)
+
+
+def test_spatial_maps_are_cached_in_half_precision_with_a_per_channel_pca(items, tmp_path):
+    path = tmp_path / "maps.h5"
+    extract_features(items, TinyMapEncoder(), path, batch_size=4, progress=False, pca_dim=3)
+    with h5py.File(path) as f:
+        assert f["train"]["features"].shape == (11, 4, 6) and f["train"]["features"].dtype == np.float16
+    raw, _ = load_features(path, "train", pca=False)
+    assert raw.shape == (11, 4, 6) and raw.dtype == np.float32
+    direct = TinyMapEncoder().encode(np.stack([TinyEncoder().preprocess(p) for p in items["train"][1]]))
+    np.testing.assert_allclose(raw, direct, rtol=1e-3, atol=1e-3)  # float16 on disk
+    pca = read_pca(path)  # fitted on the 44 location vectors of train, one projection for all
+    np.testing.assert_array_equal(pca["components"], fit_pca(raw.reshape(-1, 6), 3)["components"])
+    projected, _ = load_features(path, "train")
+    assert projected.shape == (11, 4, 3)
+    np.testing.assert_allclose(projected[:, 2], apply_pca(raw[:, 2], pca), rtol=1e-5, atol=1e-6)
+    # A pooled cache cannot be resumed with a map encoder.
+    extract_features(items, TinyEncoder(), tmp_path / "pooled.h5", progress=False)
+    with pytest.raises(RnncapError, match="another encoder"):
+        extract_features(items, TinyMapEncoder(), tmp_path / "pooled.h5", progress=False)
+
+
+def test_standardizer_gives_unit_variance_per_channel_on_train():
+    rng = np.random.default_rng(0)
+    maps = (rng.standard_normal((50, 7, 4)) * [1, 10, 0.1, 3] + [5, -2, 0, 1]).astype(np.float32)
+    t = fit_standardizer(maps)
+    z = apply_pca(maps, t)
+    np.testing.assert_allclose(z.reshape(-1, 4).mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.reshape(-1, 4).std(axis=0), 1, rtol=1e-4)
+    assert maps.std() > 3  # the input is untouched
+    # On top of a PCA: its projections are standardised, the PCA itself kept.
+    pca = fit_pca(maps.reshape(-1, 4), 2)
+    t2 = fit_standardizer(apply_pca(maps, pca), pca)
+    assert t2["components"] is pca["components"] and t2["scale"].shape == (2,)
+    np.testing.assert_allclose(apply_pca(maps, t2).reshape(-1, 2).std(axis=0), 1, rtol=1e-4)
+    assert transformed_dim(t2, 4) == 2 and transformed_dim(t, 4) == 4 and transformed_dim(None, 4) == 4
+    const = np.ones((5, 3), np.float32)  # a channel without variance keeps scale 1
+    np.testing.assert_array_equal(fit_standardizer(const)["scale"], 1)
+
+
 def test_fit_pca_math():
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((200, 5)) * [5, 3, 1, 0.5, 0.1]) @ np.linalg.qr(rng.standard_normal((5, 5)))[0] + 2
@@ -235,7 +291,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
 
     asked = []  # the real network is covered above; here the command's plumbing
 
-    def fake_get_encoder(name, weights=None, device="cpu"):
+    def fake_get_encoder(name, weights=None, device="cpu", pooling="mean"):
         asked.append((name, weights, device))
         return TinyEncoder(name)
 

@@ -195,7 +195,9 @@ class TinyEncoder:
     """Mean and std of each colour channel: a fast stand-in for a CNN (6-d)."""
 
     feature_dim = 6
+    feature_shape = (6,)
     image_size = 8
+    pooling = "mean"
 
     def __init__(self, tag="tiny"):
         self.tag = tag
