@@ -82,7 +82,7 @@ class DataConfig:
     too_long: str = "truncate"       # "truncate" or "drop"
     min_count: int = 5
     top_k: int = 0                   # 0 = no cap on the vocabulary size
-    standardize: bool = False        # per-channel unit variance, fitted on train
+    standardize: bool = True         # per-channel unit variance, fitted on train
 
 
 def to_dict(cfg) -> dict:

@@ -129,9 +129,11 @@ def add_arguments(p):
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
     p.add_argument("--data", required=True, help="dataset file or folder (any supported format)")
     p.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
-    p.add_argument("--beam", type=positive_int, default=3, help="beam size; 1 = greedy (default %(default)s)")
-    p.add_argument("--length-norm", type=nonneg_float, default=0.0,
-                   help="beam length normalisation alpha: rank by logprob / len**alpha (default 0 = off)")
+    p.add_argument("--beam", type=positive_int,
+                   help="beam size; 1 = greedy (default: the checkpoint's; 3 for checkpoints that record none)")
+    p.add_argument("--length-norm", type=nonneg_float,
+                   help="beam length normalisation alpha: rank by logprob / len**alpha (default: the "
+                        "checkpoint's; 0 = off for checkpoints that record none)")
     p.add_argument("--features", help="HDF5 feature cache from `rnncap features` (default: the dataset's "
                    "own features, else encode the photos with the checkpoint's encoder)")
     p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
@@ -151,8 +153,13 @@ def run(args):
     from .datasets import encode_split, load_dataset
     from .report import write_report
 
+    from .config import decode_config
+
     ckpt = load_checkpoint(args.checkpoint)
     model, vocab = ckpt.model, ckpt.vocab
+    decode = decode_config(ckpt.configs)  # the checkpoint's decoding defaults
+    beam = decode.beam_size if args.beam is None else args.beam
+    length_norm = decode.length_norm if args.length_norm is None else args.length_norm
     data_cfg = ckpt.configs.get("data") or {}
     train_max = int(data_cfg.get("max_length", 16))
     max_length = args.max_length or train_max + 1  # room for <END>
@@ -190,14 +197,14 @@ def run(args):
 
     summary, per_image, results = evaluate_split(
         model, vocab, features[rows], [split.references[k] for k in rows], image_ids,
-        beam=args.beam, max_length=max_length, length_norm=args.length_norm, captions=captions,
+        beam=beam, max_length=max_length, length_norm=length_norm, captions=captions,
         image_idx=image_idx, meteor=not args.no_meteor)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-            "images": len(rows), "beam": args.beam, "length_norm": args.length_norm, "max_length": max_length}
+            "images": len(rows), "beam": beam, "length_norm": length_norm, "max_length": max_length}
     (out / "metrics.json").write_text(json.dumps({"run": meta, "summary": summary, "per_image": per_image},
                                                  indent=1, ensure_ascii=False), encoding="utf-8")
     items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}

@@ -17,11 +17,24 @@ from .errors import CheckpointError
 
 
 class Captioner:
-    """Photo in, caption out, with everything taken from one checkpoint."""
+    """Photo in, caption out, with everything taken from one checkpoint.
 
-    def __init__(self, model, vocab, encoder, pca=None, max_length=30):
+    decode: the decoding defaults (a ``DecodeConfig``: beam size, length normalisation)
+    that the methods use when their ``beam``/``length_norm`` are None; from a checkpoint,
+    the ones it records (older checkpoints: beam 3, no length normalisation).
+    """
+
+    def __init__(self, model, vocab, encoder, pca=None, max_length=30, decode=None):
+        from .config import decode_config
+
         self.model, self.vocab, self.encoder, self.pca = model, vocab, encoder, pca
         self.max_length = max_length
+        self.decode = decode if decode is not None else decode_config({})
+
+    def decoding(self, beam=None, length_norm=None):
+        """(beam, length_norm): the ones given, else this captioner's defaults."""
+        return (self.decode.beam_size if beam is None else beam,
+                self.decode.length_norm if length_norm is None else length_norm)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", weights=None):
@@ -51,7 +64,10 @@ class Captioner:
                                   f"but its encoder and PCA give {expected}-d")
         data_cfg = ckpt.configs.get("data") or {}
         max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
-        return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length)
+        from .config import decode_config
+
+        return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length,
+                   decode=decode_config(ckpt.configs))
 
     def features(self, images):
         """Encoder features (after PCA, if any) for a list of paths / PIL images:
@@ -62,11 +78,13 @@ class Captioner:
         feats = self.encoder.encode([load_image(im) for im in images])
         return apply_pca(feats, self.pca) if self.pca is not None else feats
 
-    def caption_features(self, features, beam=3, max_length=None, length_norm=0.0):
-        """Captions (strings) for a batch of feature rows. length_norm: beam search
-        ranks by logprob / len ** length_norm (0 = by log-probability alone)."""
+    def caption_features(self, features, beam=None, max_length=None, length_norm=None):
+        """Captions (strings) for a batch of feature rows. beam: 1 = greedy; length_norm:
+        beam search ranks by logprob / len ** length_norm (0 = by log-probability
+        alone); None = this captioner's defaults (``decoding``)."""
         from .decoding import beam_decode, greedy_decode
 
+        beam, length_norm = self.decoding(beam, length_norm)
         L = max_length or self.max_length
         if beam <= 1:
             ids = greedy_decode(self.model, features, max_length=L, banned=self.vocab.never_generated)
@@ -75,19 +93,19 @@ class Captioner:
                               length_norm=length_norm, banned=self.vocab.never_generated)
         return [self.vocab.decode(row) for row in ids]
 
-    def caption(self, image, beam=3, max_length=None, length_norm=0.0):
+    def caption(self, image, beam=None, max_length=None, length_norm=None):
         """The caption of one photo (a path or a PIL image)."""
         return self.caption_features(self.features([image]), beam=beam, max_length=max_length,
                                      length_norm=length_norm)[0]
 
-    def caption_many(self, images, beam=3, max_length=None, batch_size=16, length_norm=0.0):
+    def caption_many(self, images, beam=None, max_length=None, batch_size=16, length_norm=None):
         out = []
         for i in range(0, len(images), batch_size):
             out += self.caption_features(self.features(images[i:i + batch_size]), beam=beam,
                                          max_length=max_length, length_norm=length_norm)
         return out
 
-    def caption_details(self, images, beam=3, n=1, length_norm=0.0, max_length=None):
+    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None):
         """The ``n`` best captions of each photo with their log-probabilities: a list
         (per image) of lists of ``{"caption": str, "logprob": float}``, best first.
 
@@ -98,6 +116,7 @@ class Captioner:
         """
         from .decoding import beam_search, greedy_decode, sequence_log_prob
 
+        beam, length_norm = self.decoding(beam, length_norm)
         if not 1 <= n <= max(beam, 1):
             raise ValueError(f"n must be between 1 and the beam size ({beam}), got {n}")
         feats = self.features(images)
@@ -118,10 +137,11 @@ def add_arguments(p):
 
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
-    p.add_argument("--beam", type=positive_int, default=3, help="beam size; 1 = greedy (default %(default)s)")
-    p.add_argument("--length-norm", type=nonneg_float, default=0.0,
-                   help="beam length normalisation: rank by logprob / len**alpha (default 0 = off; "
-                        "0.5 scored best on Flickr8k val, docs/results.md)")
+    p.add_argument("--beam", type=positive_int,
+                   help="beam size; 1 = greedy (default: the checkpoint's; 3 for checkpoints that record none)")
+    p.add_argument("--length-norm", type=nonneg_float,
+                   help="beam length normalisation: rank by logprob / len**alpha (default: the "
+                        "checkpoint's; 0 = off for checkpoints that record none)")
     p.add_argument("--max-length", type=positive_int, help="most words per caption (default: from training)")
     p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
     p.add_argument("--json", action="store_true", help="print one JSON list of {photo, caption}")

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from . import optim
-from .config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
 from .errors import RnncapError, TrainingDiverged
 
 
@@ -409,20 +409,54 @@ def add_arguments(p):
                    help="lambda of the doubly stochastic attention penalty (default %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
-    g.add_argument("--lr", type=positive_float, default=d[2].lr, help="(default %(default)s)")
-    g.add_argument("--lr-decay", type=positive_float, default=d[2].lr_decay,
-                   help="learning-rate factor per epoch (default %(default)s)")
+    from .scst import STAGE_DEFAULTS as s
+
+    g.add_argument("--lr", type=positive_float, help=f"(default {d[2].lr:g}; {s['lr']:g} with --scst)")
+    g.add_argument("--lr-decay", type=positive_float,
+                   help=f"learning-rate factor per epoch (default {d[2].lr_decay:g}; "
+                        f"{s['lr_decay']:g} with --scst)")
     g.add_argument("--momentum", type=unit_float, default=d[2].momentum, help="for sgd")
     g.add_argument("--weight-decay", type=float, default=d[2].weight_decay)
     g.add_argument("--clip", type=float, default=d[2].clip_norm,
                    help="global gradient-norm clip, 0 = off (default %(default)s)")
-    g.add_argument("--batch-size", type=positive_int, default=d[2].batch_size)
-    g.add_argument("--epochs", type=positive_int, default=d[2].epochs)
+    g.add_argument("--batch-size", type=positive_int,
+                   help=f"captions per update (default {d[2].batch_size}); with --scst, images "
+                        f"(default {s['batch_size']})")
+    g.add_argument("--epochs", type=positive_int,
+                   help=f"(default {d[2].epochs}; {s['epochs']} with --scst); with --resume: "
+                        f"train until this many epochs in all")
     g.add_argument("--max-iters", type=nonneg_int, default=0, help="stop after this many updates in total")
     g.add_argument("--checkpoint-every", type=nonneg_int, default=0,
                    help="also save last.npz every this many updates (default: each epoch)")
     g.add_argument("--seed", type=int, default=d[2].seed)
     g.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    g = p.add_argument_group("selection and decoding")
+    g.add_argument("--select", choices=["cider", "loss"], default=d[2].select,
+                   help="best.npz: the epoch with the best val CIDEr-D, or the lowest val loss "
+                        "(default %(default)s)")
+    g.add_argument("--select-beam", type=positive_int, default=d[2].select_beam,
+                   help="val captions for --select cider: 1 = greedy, else the beam size "
+                        "(default %(default)s)")
+    g.add_argument("--average", type=nonneg_int, default=d[2].average,
+                   help="average the weights of the K epochs with the best val CIDEr-D, kept as "
+                        "best.npz only if val CIDEr-D says it is better; 0 or 1 = off "
+                        "(default %(default)s)")
+    g.add_argument("--beam", type=positive_int,
+                   help=f"beam size recorded as the checkpoint's decoding default for `rnncap "
+                        f"caption`/`evaluate` (default {DecodeConfig().beam_size}; with --scst: "
+                        f"the --init checkpoint's)")
+    g.add_argument("--length-norm", type=nonneg_float,
+                   help=f"beam length normalisation recorded likewise (default "
+                        f"{DecodeConfig().length_norm:g}; with --scst: the --init checkpoint's)")
+    g = p.add_argument_group("self-critical training (after cross-entropy; see rnncap.scst)")
+    g.add_argument("--scst", action="store_true",
+                   help="fine-tune the --init checkpoint on CIDEr-D with self-critical training")
+    g.add_argument("--init", metavar="CKPT", help="with --scst: the cross-entropy checkpoint to start from")
+    g.add_argument("--samples", type=positive_int, default=d[2].samples,
+                   help="captions drawn per image (default %(default)s)")
+    g.add_argument("--baseline", choices=["mean", "greedy"], default=d[2].baseline,
+                   help="a sample's baseline: the mean reward of the image's other samples, or the "
+                        "reward of its greedy caption (default %(default)s)")
     p.add_argument("--out", help="output folder (default: runs/train, or the folder of --resume's checkpoint)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
@@ -438,13 +472,25 @@ def run(args):
         raise RnncapError("--weight-decay and --clip must be >= 0")
     if args.out is None:
         args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else "runs/train"
+    if args.scst:
+        from . import scst
+
+        if args.resume or not args.init:
+            raise RnncapError("--scst starts self-critical training from --init CKPT (a "
+                              "cross-entropy checkpoint); continue a stopped one with --resume alone")
+        return scst.run(args, load_checkpoint(args.init), args.init, resume=False)
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
+        if (ckpt.configs.get("train") or {}).get("stage") == "scst":
+            from . import scst
+
+            return scst.run(args, ckpt, args.resume, resume=True)
         data_cfg = from_dict(DataConfig, ckpt.configs.get("data"))
         model_cfg = from_dict(ModelConfig, ckpt.configs.get("model"))
         train_cfg = from_dict(TrainConfig, ckpt.configs.get("train"))
-        if args.epochs != TrainConfig().epochs:
+        decode_cfg = decode_config(ckpt.configs)
+        if args.epochs is not None:
             train_cfg.epochs = args.epochs
         if args.max_iters:
             train_cfg.max_iters = args.max_iters
@@ -464,12 +510,15 @@ def run(args):
                                 hidden_dim=args.hidden, dropout=args.dropout,
                                 label_smoothing=args.label_smoothing,
                                 attention_dim=args.attention_dim, attention_reg=args.attention_reg)
-        train_cfg = TrainConfig(optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-                                lr_decay=args.lr_decay, weight_decay=args.weight_decay,
-                                clip_norm=args.clip, batch_size=args.batch_size,
-                                epochs=args.epochs, seed=args.seed,
-                                checkpoint_every=args.checkpoint_every,
-                                max_iters=args.max_iters, device=args.device)
+        train_cfg = TrainConfig(optimizer=args.optimizer, momentum=args.momentum,
+                                weight_decay=args.weight_decay, clip_norm=args.clip, seed=args.seed,
+                                checkpoint_every=args.checkpoint_every, max_iters=args.max_iters,
+                                device=args.device, select=args.select, select_beam=args.select_beam,
+                                average=args.average,
+                                **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs"),
+                                                   TrainConfig()))
+        decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
+                                                              DecodeConfig(), {"beam_size": "beam"}))
         pca = not args.no_pca
 
     dataset = load_dataset(data_cfg.captions)
@@ -498,24 +547,32 @@ def run(args):
     if train_cfg.device != "cpu":
         model.to(train_cfg.device)
 
-    configs = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": to_dict(data_cfg)}
+    configs = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": to_dict(data_cfg),
+               "decode": to_dict(decode_cfg)}
     if ckpt is not None:
         encoder = encoder or ckpt.encoder
         pca_params = pca_params if pca_params is not None else ckpt.pca
 
-    def checkpoint_fn(path, state):
+    def checkpoint_fn(path, state, params=None):
         from .checkpoint import save_checkpoint
 
-        save_checkpoint(path, model, vocab, encoder=encoder, pca=pca_params, configs=configs,
+        save_checkpoint(path, model if params is None else with_params(model, params), vocab,
+                        encoder=encoder, pca=pca_params, configs=configs,
                         train_state={k: v for k, v in state.items() if k != "history"},
                         history=state["history"])
 
     null = vocab.null_id
     val = data.get("val")
+    val_fn = None
+    if val and train_cfg.select == "cider":
+        val_fn = cider_val_fn(vocab, val[0], dataset.splits["val"].references, data_cfg.max_length + 1,
+                              beam=train_cfg.select_beam, length_norm=decode_cfg.length_norm)
     trainer = Trainer(model, (train_feats, train_caps, train_idx), train_cfg,
                       val=(val[0], val[1], val[2]) if val else None, out_dir=args.out,
                       checkpoint_fn=checkpoint_fn, count_fn=lambda y: int((y[:, 1:] != null).sum()),
-                      unit="tok", progress=False if args.quiet else None)
+                      unit="tok", progress=False if args.quiet else None, val_fn=val_fn,
+                      select=("val_cider", "max") if val_fn else ("val_loss", "min"),
+                      keep_top=train_cfg.average if val_fn and train_cfg.average > 1 else 0)
     if ckpt is not None:
         state = dict(ckpt.train_state)
         state["history"] = ckpt.history
@@ -524,8 +581,83 @@ def run(args):
               file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
     trainer.fit()
+    average_top_epochs(trainer, model, val_fn, checkpoint_fn)
     print(f"checkpoints in {args.out}: last.npz" + (", best.npz" if trainer.best else ""))
     return 0
+
+
+def given_or_default(args, keys, defaults, flags=None):
+    """{key: the command line's value where given (not None), else defaults.key};
+    ``flags`` maps a key to its argparse name where they differ."""
+    flags = flags or {}
+    out = {}
+    for k in keys:
+        v = getattr(args, flags.get(k, k), None)
+        out[k] = getattr(defaults, k) if v is None else v
+    return out
+
+
+def cider_val_fn(vocab, features, references, max_length, beam=1, length_norm=0.0):
+    """A ``Trainer`` val_fn: {"val_cider": CIDEr-D of the model's captions of the val
+    images (greedy, or beam search of size ``beam``) against all their references,
+    document frequencies from those references}: the COCO toolkit's CIDEr-D
+    (``rnncap.cider``), with rnncap's tokenizer on both sides. Images without a
+    reference are left out."""
+    from .cider import cider_d
+    from .sample import Captioner
+    from .vocab import tokenize
+
+    keep = [i for i, refs in enumerate(references) if refs]
+    feats = features[keep]
+    refs = [[tokenize(c) for c in references[i]] for i in keep]
+
+    def val_fn(model):
+        captions = Captioner(model, vocab, None, max_length=max_length).caption_features(
+            feats, beam=beam, length_norm=length_norm)
+        return {"val_cider": cider_d([tokenize(c) for c in captions], refs)[0]}
+
+    return val_fn
+
+
+def with_params(model, params):
+    """A shallow copy of ``model`` that holds ``params`` (the model is untouched)."""
+    import copy
+
+    out = copy.copy(model)
+    out.params = params
+    return out
+
+
+def average_top_epochs(trainer, model, val_fn, checkpoint_fn, log=None):
+    """After a finished run: the mean of the parameters of the epochs the trainer kept
+    (``keep_top``, the best on val), scored by ``val_fn``; when it beats the best
+    epoch, it becomes best.npz (``checkpoint_fn(path, state, params)``) and
+    ``trainer.best`` records the epochs averaged. Returns its score, or None when
+    there was nothing to average."""
+    from .checkpoint import load_checkpoint
+
+    log = log or trainer.log
+    epochs = sorted(e for e, _ in trainer.top)
+    if val_fn is None or len(epochs) < 2 or trainer.epoch < trainer.cfg.epochs:
+        return None
+    total = None
+    for e in epochs:
+        params = load_checkpoint(trainer.snapshot_path(e)).model.params
+        total = ({k: v.astype(np.float64) for k, v in params.items()} if total is None
+                 else {k: total[k] + v for k, v in params.items()})
+    xp = model.xp
+    avg = {k: xp.asarray((v / len(epochs)).astype(model.params[k].dtype)) for k, v in total.items()}
+    key = trainer.select_key
+    score = float(val_fn(with_params(model, avg))[key])
+    best = (trainer.best or {}).get(key)
+    better = best is None or (score < best if trainer.select_mode == "min" else score > best)
+    log(f"average of epochs {epochs}: {key} {score:.4f} against {best if best is None else round(best, 4)} "
+        f"for the best epoch: " + ("kept as best.npz" if better else "not kept"))
+    if better:
+        trainer.best = {**(trainer.best or {}), key: score, "averaged": epochs}
+        checkpoint_fn(os.path.join(trainer.out_dir, "best.npz"), trainer.state(), params=avg)
+        checkpoint_fn(os.path.join(trainer.out_dir, "last.npz"), trainer.state())
+    return score
 
 
 def dataset_vocab(dataset, data_cfg):

@@ -78,9 +78,15 @@ def test_resume_uses_the_checkpoints_pca_not_the_caches(trained, capsys):
     """A cache with its own PCA does not change what a resumed model is fed."""
     tmp, data, feats, out = trained
     other = _other_features(tmp, TinyEncoder(), pca_dim=3)
+    before = load_checkpoint(out / "last.npz").pca  # no PCA; the default standardisation
     assert main(["train", "--resume", str(out / "last.npz"), "--features", str(other), "--epochs", "3",
                  "--quiet"]) == 0
-    assert load_checkpoint(out / "last.npz").pca is None
+    after = load_checkpoint(out / "last.npz").pca
+    assert (before is None) == (after is None)
+    if after is not None:
+        assert after.get("components") is None and set(after) == set(before)
+        for k, v in after.items():
+            assert v is None or np.array_equal(v, before[k]), k
 
 
 def test_resume_with_another_vocabulary_is_refused(trained, capsys):

@@ -80,7 +80,7 @@ def test_resume_is_bitwise_exact(tmp_path, optimizer):
 def test_training_reduces_loss_and_writes_logs(tmp_path):
     feats, caps, idx, vocab = toy_problem()
     model = make_model(vocab, dropout=0.0)
-    cfg = TrainConfig(lr=3e-2, batch_size=10, epochs=15, seed=0)
+    cfg = TrainConfig(lr=3e-2, lr_decay=0.95, batch_size=10, epochs=15, seed=0)
     tr = make_trainer(model, (feats, caps, idx), vocab, tmp_path, cfg, val=(feats, caps, idx))
     h = tr.fit()
     assert h["val_loss"][-1] < 0.7 * h["val_loss"][0]

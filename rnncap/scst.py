@@ -1,0 +1,247 @@
+"""Self-critical sequence training: fine-tune a captioner on CIDEr-D itself.
+
+After cross-entropy training, a captioner is tuned on the metric it is judged by
+(Rennie et al. 2017, "Self-critical sequence training for image captioning"). For each
+image the model draws K captions from its own softmax; each gets a reward, its CIDEr-D
+against the image's train references (document frequencies from all train references,
+``<END>`` scored as a word, so that stopping at the right place pays); the gradient is
+the policy gradient
+
+    loss = -sum_samples (r - b) * sum_{t <= <END>} log p(w_t | w_<t, image)
+
+with the baseline b of a sample the mean reward of the image's other K - 1 samples
+(Luo 2020, "A better variant of self-critical sequence training"), or, as an option,
+the reward of the image's greedy caption (Rennie et al.'s own baseline).
+
+Read top to bottom: the rewards' references; ``ScstObjective``, which wraps a captioner
+in the model contract (``params``, ``loss(X, y)``; y are image rows, not captions) so
+that the generic ``rnncap.train.Trainer`` runs the stage unchanged; then the stage
+behind ``rnncap train --scst --init CKPT``.
+
+The objective touches the model only through ``init_state``/``step`` (by way of
+``rnncap.decoding``) and ``loss(..., token_weights=...)``, so it works for every model
+with the contract (the RNN, the LSTM, the attention model).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+
+from .errors import RnncapError
+
+BASELINES = ("mean", "greedy")
+
+
+def reward_references(references, end_token):
+    """Each image's reference strings as token lists ending in ``end_token``: the
+    reference sets rewards are scored against (and take document frequencies from)."""
+    from .vocab import tokenize
+
+    return [[tokenize(r) + [end_token] for r in refs] for refs in references]
+
+
+class ScstObjective:
+    """The model contract around a captioner, for self-critical training.
+
+    ``loss(features, images)``: features (N, ...) of N images and ``images`` (N,) their
+    rows in the scorer's reference sets. Draws ``samples`` captions per image with
+    ``sample_decode`` (the model's own softmax, temperature 1, no word banned: the
+    policy whose gradient is taken), scores them with ``scorer`` (a ``CiderD`` whose
+    reference sets are the train images' ``reward_references``), and returns the
+    model's loss with the advantages as per-token weights, and its gradients.
+
+    The loss runs without dropout (``train=False``): the captions were drawn without
+    it, and the gradient must be that of their own probability.
+
+    rng: the sampling generator; its state is part of a checkpoint (exact resume).
+    ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
+    """
+
+    def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None):
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+        if samples < (2 if baseline == "mean" else 1):
+            raise ValueError(f"the {baseline!r} baseline needs at least "
+                             f"{2 if baseline == 'mean' else 1} samples per image, got {samples}")
+        self.model, self.vocab, self.scorer = model, vocab, scorer
+        self.samples, self.baseline, self.max_length = int(samples), baseline, int(max_length)
+        self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        self._words = np.asarray(vocab.idx_to_word, dtype=object)
+        self._stats = {}
+
+    @property
+    def params(self):
+        return self.model.params
+
+    @property
+    def xp(self):
+        return self.model.xp
+
+    def stats(self):
+        return dict(self._stats)
+
+    def loss(self, features, images, train=True):
+        """(loss, grads) of the policy gradient on N images (see the class docstring).
+        ``train`` is accepted for the contract; the loss never uses dropout."""
+        from .decoding import greedy_decode, sample_decode
+
+        model, K = self.model, self.samples
+        images = np.asarray(images, dtype=np.int64).reshape(-1)
+        xp = model.xp
+        repeated = xp.repeat(xp.asarray(features), K, axis=0)  # rows n*K .. n*K+K-1: image n
+        ids = sample_decode(model, repeated, max_length=self.max_length, rng=self.rng)
+        lengths = self.lengths(ids)
+        ref_rows = np.repeat(images, K)
+        rewards = self.scorer.score(self.tokens(ids, lengths), ref_rows).reshape(-1, K)
+
+        if self.baseline == "mean":  # leave-one-out: the mean of the image's other samples
+            base = (rewards.sum(axis=1, keepdims=True) - rewards) / (K - 1)
+        else:
+            greedy = greedy_decode(model, features, max_length=self.max_length,
+                                   banned=self.vocab.never_generated)
+            base = self.scorer.score(self.tokens(greedy, self.lengths(greedy)), images)[:, None]
+        advantage = (rewards - base).reshape(-1)
+
+        # The sampled words as training captions: <START> first, <NULL> after the end
+        # (already so in the decoder's layout); each word up to and including <END>
+        # weighs its caption's advantage.
+        N, L = ids.shape
+        captions = np.empty((N, L + 1), dtype=np.int64)
+        captions[:, 0] = model.start_id
+        captions[:, 1:] = ids
+        weights = (np.arange(L)[None, :] < lengths[:, None]) * advantage[:, None]
+        loss, grads = model.loss(repeated, captions, train=False, token_weights=weights)
+        self._stats = {"reward": float(rewards.mean())}
+        if self.baseline == "greedy":
+            self._stats["greedy_reward"] = float(base.mean())
+        return loss, grads
+
+    def lengths(self, ids):
+        """(N,) words of each decoded caption, its <END> included (all of the row
+        when it never ended)."""
+        is_end = ids == self.model.end_id
+        return np.where(is_end.any(axis=1), is_end.argmax(axis=1) + 1, ids.shape[1])
+
+    def tokens(self, ids, lengths):
+        """Decoded ids as word lists, <END> (and any special word drawn) kept as a word."""
+        return [self._words[row[:n]].tolist() for row, n in zip(ids, lengths)]
+
+
+# ---- the stage: ``rnncap train --scst --init CKPT`` --------------------------------------
+
+# The stage's own defaults, where they differ from cross-entropy training's.
+STAGE_DEFAULTS = {"lr": 5e-5, "lr_decay": 1.0, "batch_size": 50, "epochs": 4}
+
+
+def run(args, ckpt, ckpt_path, resume):
+    """Self-critical training from a checkpoint.
+
+    ckpt: the cross-entropy checkpoint to start from (``--init``), or, with ``resume``,
+    an SCST checkpoint to continue. Writes OUT/last.npz every epoch and OUT/best.npz,
+    the epoch with the best val CIDEr; the starting model is epoch 0, so best.npz is
+    never worse on val than where the stage began.
+    """
+    from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
+    from .cider import CiderD
+    from .datasets import load_dataset
+    from .train import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
+                        cider_val_fn, given_or_default, prepare_data, with_params)
+
+    data_cfg = from_dict(DataConfig, ckpt.configs.get("data"))
+    model_cfg = from_dict(ModelConfig, ckpt.configs.get("model"))
+    decode_cfg = decode_config(ckpt.configs)
+    if resume:
+        train_cfg = from_dict(TrainConfig, ckpt.configs.get("train"))
+        for key in ("epochs", "max_iters"):
+            if getattr(args, key, None):
+                setattr(train_cfg, key, getattr(args, key))
+    else:
+        train_cfg = TrainConfig(
+            optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+            clip_norm=args.clip, seed=args.seed, checkpoint_every=args.checkpoint_every,
+            max_iters=args.max_iters, device=args.device, stage="scst", init=str(ckpt_path),
+            samples=args.samples, baseline=args.baseline, average=args.average,
+            select_beam=args.select_beam,
+            **given_or_default(args, STAGE_DEFAULTS, SimpleNamespace(**STAGE_DEFAULTS)))
+        decode_cfg = DecodeConfig(**given_or_default(args, ("beam_size", "length_norm"), decode_cfg,
+                                                     {"beam_size": "beam"}))
+    if args.data:
+        data_cfg.captions = args.data
+    if args.features:
+        data_cfg.features = args.features
+    if not data_cfg.captions:
+        raise RnncapError(f"{ckpt_path}: records no dataset; pass --data")
+
+    dataset = load_dataset(data_cfg.captions)
+    vocab, model = ckpt.vocab, ckpt.model
+    check_vocab_matches(vocab, dataset, data_cfg, ckpt_path)
+    data, encoder, transform = prepare_data(
+        dataset, vocab, data_cfg.features, data_cfg,
+        pca=ckpt.pca if ckpt.pca is not None else False, encoder=ckpt.encoder)
+    _print_data_summary(dataset, vocab, data, data["train"][3])
+    train_feats = data["train"][0]
+    if model.input_dim != train_feats.shape[-1]:
+        raise RnncapError(f"{data_cfg.features}: features are {train_feats.shape[-1]}-d but the "
+                          f"checkpoint {ckpt_path} expects {model.input_dim}-d")
+    if train_cfg.device != "cpu":
+        model.to(train_cfg.device)
+    encoder = encoder or ckpt.encoder
+    transform = transform if transform is not None else ckpt.pca
+
+    train_refs = reward_references(dataset.splits["train"].references, vocab.idx_to_word[vocab.end_id])
+    if any(not refs for refs in train_refs):
+        raise RnncapError(f"{data_cfg.captions}: some train images have no reference caption; "
+                          f"self-critical training scores every image against its references")
+    max_length = data_cfg.max_length + 1  # room for <END>
+    objective = ScstObjective(model, vocab, CiderD(train_refs), samples=train_cfg.samples,
+                              baseline=train_cfg.baseline, max_length=max_length,
+                              rng=np.random.default_rng([train_cfg.seed, 0x5C57]))
+    val = data.get("val")
+    val_fn = None if val is None else cider_val_fn(
+        vocab, val[0], dataset.splits["val"].references, max_length, beam=train_cfg.select_beam,
+        length_norm=decode_cfg.length_norm)
+    # The Trainer validates what it trains (the objective); val_fn scores the captioner.
+    trainer_val_fn = None if val_fn is None else (lambda objective: val_fn(objective.model))
+    configs = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": to_dict(data_cfg),
+               "decode": to_dict(decode_cfg)}
+
+    def checkpoint_fn(path, state, params=None):
+        from .checkpoint import save_checkpoint
+
+        saved = model if params is None else with_params(model, params)
+        train_state = {k: v for k, v in state.items() if k != "history"}
+        train_state["sample_rng"] = objective.rng.bit_generator.state
+        save_checkpoint(path, saved, vocab, encoder=encoder, pca=transform, configs=configs,
+                        train_state=train_state, history=state["history"])
+
+    n = len(train_feats)
+    rows = np.arange(n)
+    trainer = Trainer(objective, (train_feats, rows, rows), train_cfg, val=None, out_dir=args.out,
+                      checkpoint_fn=checkpoint_fn, count_fn=lambda y: len(y) * train_cfg.samples,
+                      unit="captions", val_fn=trainer_val_fn, select=("val_cider", "max"),
+                      progress=False if args.quiet else None, step_stats=objective.stats,
+                      keep_top=train_cfg.average if train_cfg.average > 1 else 0)
+    os.makedirs(args.out, exist_ok=True)
+    if resume:
+        state = dict(ckpt.train_state)
+        state["history"] = ckpt.history
+        trainer.restore(state)
+        if state.get("sample_rng"):
+            objective.rng.bit_generator.state = state["sample_rng"]
+        print(f"resuming self-critical training from {ckpt_path} at epoch {trainer.epoch}, "
+              f"iteration {trainer.iteration}", file=sys.stderr)
+    elif val_fn is not None:
+        # The starting model is epoch 0: an epoch must beat it to become best.npz.
+        start = val_fn(model)["val_cider"]
+        trainer.best = {"epoch": 0, "iteration": 0, "val_cider": start}
+        checkpoint_fn(os.path.join(args.out, "best.npz"), trainer.state())
+        print(f"self-critical training from {ckpt_path}: val CIDEr-D {start:.4f} at the start",
+              file=sys.stderr)
+    trainer.fit()
+    average_top_epochs(trainer, model, val_fn, checkpoint_fn)
+    print(f"checkpoints in {args.out}: last.npz" + (", best.npz" if trainer.best else ""))
+    return 0
+
