@@ -34,11 +34,13 @@ def _without(scores, banned, xp):
     return scores
 
 
-def _decode_word_by_word(model, features, max_length, choose):
+def _decode_word_by_word(model, features, max_length, choose, attention=False):
     """The loop greedy decoding and sampling share: feed <START>, let ``choose(scores)``
     pick each next word (N,), stop once every caption has said <END>.
 
-    Returns (N, max_length) int64 host ids, <NULL> after each caption's <END>.
+    Returns (N, max_length) int64 host ids, <NULL> after each caption's <END>; with
+    ``attention`` (an attention model) also (N, max_length, L) host float32: where
+    each step looked, zeros after the caption's end.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -48,27 +50,36 @@ def _decode_word_by_word(model, features, max_length, choose):
     words = xp.full((N,), model.start_id, dtype=np.int64)
     out = np.full((N, max_length), model.null_id, dtype=np.int64)
     done = np.zeros(N, dtype=bool)
+    alphas = np.zeros((N, max_length, state.alpha.shape[1]), np.float32) if attention else None
     for t in range(max_length):
         scores, state = model.step(words, state)
         words = choose(scores)
         w = to_numpy(words)
         out[:, t] = np.where(done, model.null_id, w)
+        if attention:
+            alphas[~done, t] = to_numpy(state.alpha)[~done]
         done |= w == model.end_id
         if done.all():
             break
-    return out
+    return (out, alphas) if attention else out
 
 
-def greedy_decode(model, features, max_length=30, banned=()):
+def greedy_decode(model, features, max_length=30, banned=(), return_attention=False):
     """Pick the most likely (allowed) word at every step.
 
-    features: (N, D). Returns (N, max_length) int64 ids on the host: the words after
-    <START>, with <END> kept and everything after it set to <NULL>.
+    features: (N, D), or (N, L, D) maps for an attention model. Returns (N, max_length)
+    int64 ids on the host: the words after <START>, with <END> kept and everything
+    after it set to <NULL>. ``return_attention`` (attention models): returns (ids,
+    alphas) with alphas (N, max_length, L), the weights each word was chosen with.
     """
     xp = model.xp
     choose = lambda scores: _without(scores, banned, xp).argmax(axis=1)  # noqa: E731
-    return np.concatenate(_in_shards(
-        model, lambda part: _decode_word_by_word(model, part, max_length, choose), features))
+    parts = _in_shards(
+        model, lambda part: _decode_word_by_word(model, part, max_length, choose, return_attention),
+        features)
+    if return_attention:
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return np.concatenate(parts)
 
 
 def _in_shards(model, fn, features):
@@ -118,13 +129,24 @@ class Hypothesis(NamedTuple):
     ids: int64 word ids without <START>; ends with <END> when the caption finished.
     logprob: the model's log-probability of exactly these ids (float).
     score: ``logprob / len(ids) ** length_norm``, what the beam ranks by.
+    attention: (len(ids), L) float32, where each word was chosen from (attention
+    models, when asked for), else None.
     """
     ids: np.ndarray
     logprob: float
     score: float
+    attention: np.ndarray | None = None
 
 
-def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_best=1, banned=()):
+def _select_state(model, state, rows):
+    """Rows of a decoder state: the model's ``select_state`` (an attention state keeps
+    one copy of each image's map), else every array of the tuple indexed."""
+    select = getattr(model, "select_state", None)
+    return select(state, rows) if select is not None else tuple(s[rows] for s in state)
+
+
+def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_best=1, banned=(),
+                return_attention=False):
     """Beam search over all images at once.
 
     features: (N, D). The N*k live hypotheses run through ``model.step`` as one
@@ -143,7 +165,8 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
     hypotheses, best score first, and, when fewer than ``n_best`` finished within
     ``max_length`` steps, the best unfinished ones (no <END>, ``max_length`` ids) after
     them. Each list holds ``n_best`` distinct hypotheses (fewer only for a vocabulary
-    too small to make that many).
+    too small to make that many). ``return_attention`` (attention models) fills each
+    hypothesis's ``attention``.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -152,27 +175,33 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
     if length_norm < 0:
         raise ValueError(f"length_norm must be >= 0, got {length_norm}")
     return [hyps for part in _in_shards(
-        model, lambda f: _beam_search(model, f, beam_size, max_length, length_norm, n_best, banned),
+        model, lambda f: _beam_search(model, f, beam_size, max_length, length_norm, n_best, banned,
+                                      return_attention),
         features) for hyps in part]
 
 
-def _beam_search(model, features, beam_size, max_length, length_norm, n_best, banned):
+def _beam_search(model, features, beam_size, max_length, length_norm, n_best, banned, attention):
     xp = model.xp
     k = int(beam_size)
     state = model.init_state(features)
     N = state[0].shape[0]
-    state = tuple(xp.repeat(s, k, axis=0) for s in state)  # rows n*k .. n*k+k-1 are image n
+    # rows n*k .. n*k+k-1 are image n
+    state = _select_state(model, state, xp.repeat(xp.arange(N), k))
     words = xp.full((N * k,), model.start_id, dtype=np.int64)
     # All k copies start identical; only the first is live, so no hypothesis repeats.
     cum = np.full((N, k), -np.inf)
     cum[:, 0] = 0.0
     tokens = np.zeros((N, k, 0), dtype=np.int64)
+    alphas = np.zeros((N, k, 0, state.alpha.shape[1]), np.float32) if attention else None
     finished = [[] for _ in range(N)]
     done = np.zeros(N, dtype=bool)
     rows = np.arange(N)[:, None]
 
     for t in range(max_length):
         scores, state = model.step(words, state)
+        if attention:  # where each live hypothesis looked for the word it now picks
+            step_alpha = to_numpy(state.alpha).reshape(N, k, 1, -1)
+            alphas = np.concatenate([alphas, step_alpha], axis=2)
         V = scores.shape[1]
         total = xp.asarray(cum).reshape(N * k, 1) + _log_softmax(scores, xp)
         total = _without(total, banned, xp).reshape(N, k * V)
@@ -189,7 +218,8 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
         for n, j in zip(*np.nonzero(newly)):
             ids = np.append(tokens[n, beam[n, j]], model.end_id)
             finished[n].append(Hypothesis(ids, float(cand[n, j]),
-                                          float(cand[n, j] / len(ids) ** length_norm)))
+                                          float(cand[n, j] / len(ids) ** length_norm),
+                                          alphas[n, beam[n, j]].copy() if attention else None))
 
         # Each hypothesis has one <END> extension, so at least k of the 2k are others.
         keep = np.argsort(is_end, axis=1, kind="stable")[:, :k]
@@ -197,8 +227,10 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
         sel_word = np.take_along_axis(word, keep, axis=1)
         cum = np.take_along_axis(cand, keep, axis=1)
         tokens = np.concatenate([tokens[rows, sel_beam], sel_word[:, :, None]], axis=2)
+        if attention:
+            alphas = alphas[rows, sel_beam]
         parent = xp.asarray((rows * k + sel_beam).reshape(-1))
-        state = tuple(s[parent] for s in state)
+        state = _select_state(model, state, parent)
         words = xp.asarray(sel_word.reshape(-1))
 
         best_reachable = cum[:, 0] / max_length ** length_norm
@@ -214,7 +246,8 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
     for n in range(N):
         best = sorted(finished[n], key=lambda h: -h.score)[:n_best]
         if len(best) < n_best:
-            live = [Hypothesis(tokens[n, j].copy(), float(cum[n, j]), float(cum[n, j] / L ** length_norm))
+            live = [Hypothesis(tokens[n, j].copy(), float(cum[n, j]), float(cum[n, j] / L ** length_norm),
+                               alphas[n, j].copy() if attention else None)
                     for j in range(k) if np.isfinite(cum[n, j])]
             best += sorted(live, key=lambda h: -h.score)[:n_best - len(best)]
         out.append(best)

@@ -525,3 +525,232 @@ def dropout_forward(x, p, rng):
 def dropout_backward(dout, cache):
     """Backward of ``dropout_forward``."""
     return dout if cache is None else dout * cache
+
+
+# ----------------------------------------------------------------------------------
+# Soft attention (Show, Attend and Tell): the one copy of its math
+# ----------------------------------------------------------------------------------
+#
+# Letters: L locations of the image's spatial map, D channels per location, A the
+# attention size. For a query q (the attention part of h_{t-1} @ Wh + bh):
+#
+#     pre_i   = tanh(P_i + q)           P = a @ W_a, computed once per image (L, A)
+#     e_i     = w . pre_i
+#     alpha   = softmax(e)              over the L locations
+#     z       = sum_i alpha_i a_i       the context (D,)
+#
+# The kernels take the queries of k hypotheses per image at once (rows grouped by
+# image: rows m*k .. m*k+k-1 are image m), so that beam search attends to one copy of
+# each image's map, not one per hypothesis; training is k = 1.
+
+def soft_attention_forward(q, proj, a, w):
+    """Additive attention of n = M*k queries over M images.
+
+    q: (n, A) queries; proj: (M, L, A) projected annotations a @ W_a; a: (M, L, D)
+    annotations; w: (A,). Rows m*k .. m*k+k-1 of q belong to image m.
+    Returns (z (n, D) contexts, alpha (n, L) attention weights) and a cache.
+    """
+    xp = get_array_module(q, proj, a, w)
+    M, Lc, A = proj.shape
+    n = q.shape[0]
+    if M == 0 or n % M:
+        raise ValueError(f"{n} queries cannot be grouped over {M} images")
+    k = n // M
+    pre = proj[:, None, :, :] + q.reshape(M, k, 1, A)       # (M, k, L, A)
+    xp.tanh(pre, out=pre)
+    e = pre @ w                                              # (M, k, L)
+    e -= e.max(axis=2, keepdims=True)
+    alpha = xp.exp(e, out=e)
+    alpha /= alpha.sum(axis=2, keepdims=True)
+    z = alpha @ a                                            # (M, k, D), one copy of a
+    return (z.reshape(n, a.shape[2]), alpha.reshape(n, Lc)), (alpha, pre, a, w)
+
+
+def soft_attention_backward(dz, dalpha, cache):
+    """Backward of ``soft_attention_forward``. dz: (n, D); dalpha: (n, L) upstream
+    gradient of the weights themselves (the regulariser's), or None.
+
+    Returns dq (n, A), dproj (M, L, A), da (M, L, D), dw (A,).
+    """
+    alpha, pre, a, w = cache
+    xp = get_array_module(dz, a)
+    M, k, Lc = alpha.shape
+    dz3 = dz.reshape(M, k, a.shape[2])
+    dal = dz3 @ a.transpose(0, 2, 1)                         # (M, k, L): through z
+    if dalpha is not None:
+        dal += dalpha.reshape(M, k, Lc)
+    # softmax: de = alpha * (dalpha - sum(alpha * dalpha))
+    de = dal
+    de -= (alpha * dal).sum(axis=2, keepdims=True)
+    de *= alpha
+    dw = de.reshape(1, -1) @ pre.reshape(-1, pre.shape[3])   # (1, A)
+    dt = xp.multiply(pre, pre)                               # through tanh: 1 - pre^2
+    xp.subtract(1.0, dt, out=dt)
+    dt *= de[..., None]
+    dt *= w
+    dq = dt.sum(axis=2).reshape(M * k, -1)
+    dproj = dt.sum(axis=1)
+    da = alpha.transpose(0, 2, 1) @ dz3                      # (M, L, D)
+    return dq, dproj, da, dw.reshape(-1)
+
+
+def _attention_cell_forward(xw, prev_h, prev_c, a, proj, Wz, Wh, bh, w):
+    """One attention-LSTM step after the input matmul: the kernel that training and
+    every decoder share.
+
+    xw: (n, 4H) x_t @ Wx (lifted out of the time loop by the sequence layer);
+    prev_h, prev_c: (n, H); a: (M, L, D); proj: (M, L, A); Wz: (D, 4H);
+    Wh: (H, 4H + A + 1) and bh (4H + A + 1,): every map of h_{t-1} in ONE GEMM, its
+    columns the LSTM gates (4H), the attention query (A) and the context gate (1).
+
+        q = h_{t-1} @ Wh + bh;  z, alpha = attention(q[4H:4H+A]);
+        beta = sigmoid(q[-1]);  gates = xw + q[:4H] + (beta * z) @ Wz;  LSTM cell.
+
+    Returns next_h, next_c, alpha (n, L) and the kernel cache.
+    """
+    xp = get_array_module(xw, prev_h, Wh)
+    H = prev_c.shape[1]
+    q = prev_h @ Wh
+    q += bh
+    (z, alpha), att = soft_attention_forward(q[:, 4 * H:-1], proj, a, w)
+    beta = _sigmoid_inplace(q[:, -1:].copy(), xp)            # (n, 1)
+    zg = z * beta
+    act = zg @ Wz
+    act += xw
+    act += q[:, :4 * H]
+    next_h, next_c, cell = _lstm_cell_forward(act, prev_c)
+    return next_h, next_c, alpha, (zg, z, beta, att, cell)
+
+
+def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz):
+    """Backward of ``_attention_cell_forward`` up to its matmul inputs.
+
+    Returns dgates (n, 4H) (the gradient of xw), dq (n, 4H + A + 1) (of h_{t-1} @ Wh
+    + bh), dprev_c (n, H), dproj (M, L, A), da (M, L, D) and dw (A,); the caller
+    turns dgates and dq into input and weight gradients (one GEMM each).
+    """
+    zg, z, beta, att, cell = kcache
+    xp = get_array_module(dnext_h, Wz)
+    dgates, dprev_c = _lstm_cell_backward(dnext_h, dnext_c, cell)
+    dzg = dgates @ Wz.T                                      # (n, D)
+    dbeta = (dzg * z).sum(axis=1, keepdims=True)
+    dbeta *= beta * (1.0 - beta)                             # through the sigmoid
+    dzg *= beta                                              # now dz
+    dq_att, dproj, da, dw = soft_attention_backward(dzg, dalpha, att)
+    dq = xp.concatenate([dgates, dq_att, dbeta], axis=1)
+    return dgates, dq, dprev_c, dproj, da, dw
+
+
+def attention_lstm_step_forward(x, prev_h, prev_c, a, proj, Wx, Wz, Wh, bh, w):
+    """One step of the attention LSTM (see ``_attention_cell_forward``).
+
+    x: (n, W) word vectors; prev_h, prev_c: (n, H); a: (M, L, D); proj: (M, L, A);
+    Wx: (W, 4H); Wz: (D, 4H); Wh: (H, 4H + A + 1); bh: (4H + A + 1,); w: (A,).
+    n = M*k: k hypotheses per image, rows grouped by image.
+    Returns next_h (n, H), next_c (n, H), alpha (n, L) and a cache.
+    """
+    next_h, next_c, alpha, kc = _attention_cell_forward(x @ Wx, prev_h, prev_c, a, proj, Wz, Wh, bh, w)
+    return next_h, next_c, alpha, (x, prev_h, Wx, Wz, Wh, kc)
+
+
+def attention_lstm_step_backward(dnext_h, dnext_c, dalpha, cache):
+    """Backward of ``attention_lstm_step_forward``. dnext_h, dnext_c: (n, H); dalpha:
+    (n, L) or None.
+
+    Returns dx, dprev_h, dprev_c, da, dproj, dWx, dWz, dWh, dbh, dw.
+    """
+    x, prev_h, Wx, Wz, Wh, kc = cache
+    dgates, dq, dprev_c, dproj, da, dw = _attention_cell_backward(dnext_h, dnext_c, dalpha, kc, Wz)
+    zg = kc[0]
+    return (dgates @ Wx.T, dq @ Wh.T, dprev_c, da, dproj, x.T @ dgates, zg.T @ dgates,
+            prev_h.T @ dq, dq.sum(axis=0), dw)
+
+
+def attention_lstm_forward(x, a, proj, h0, c0, Wx, Wz, Wh, bh, w, lengths=None):
+    """The attention LSTM over whole sequences (training), one image per sequence.
+
+    x: (N, T, W); a: (N, L, D); proj: (N, L, A); h0, c0: (N, H); weights as for
+    ``attention_lstm_step_forward``. lengths: optional (N,) ints in [0, T], as for
+    ``rnn_forward``: steps past a sequence's end are skipped (their h and alpha are 0).
+
+    ``x @ Wx`` is one GEMM before the loop; the sequences run packed, longest first
+    (``_Packing``), so step t works on the first n_t images of the sorted batch.
+    Returns h (N, T, H), alpha (N, T, L) and a cache.
+    """
+    xp = get_array_module(x, a, h0, Wx)
+    N, T, _ = x.shape
+    H, Lc = h0.shape[1], a.shape[1]
+    pk = _pack(lengths, N, T, xp)
+    xs = x.reshape(N * T, -1)[pk.idx]
+    xw = xs @ Wx                                             # (P, 4H)
+    if pk.order is not None:
+        a, proj, h0, c0 = a[pk.order], proj[pk.order], h0[pk.order], c0[pk.order]
+    P, dtype = xw.shape[0], xw.dtype
+    hs, cs, hprev = (xp.empty((P, H), dtype=dtype) for _ in range(3))
+    alphas = xp.empty((P, Lc), dtype=dtype)
+    kcaches = []
+    prev = None
+    for off, n in pk.blocks:
+        blk = slice(off, off + n)
+        hprev[blk] = h0[:n] if prev is None else hs[prev:prev + n]
+        prev_c = c0[:n] if prev is None else cs[prev:prev + n]
+        hs[blk], cs[blk], alphas[blk], kc = _attention_cell_forward(
+            xw[blk], hprev[blk], prev_c, a[:n], proj[:n], Wz, Wh, bh, w)
+        kcaches.append(kc)
+        prev = off
+    h = (xp.empty if pk.full else xp.zeros)((N * T, H), dtype=dtype)
+    h[pk.idx] = hs
+    alpha = (xp.empty if pk.full else xp.zeros)((N * T, Lc), dtype=dtype)
+    alpha[pk.idx] = alphas
+    cache = (pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj.shape)
+    return h.reshape(N, T, H), alpha.reshape(N, T, Lc), cache
+
+
+def attention_lstm_backward(dh, dalpha, cache):
+    """Backward of ``attention_lstm_forward``. dh: (N, T, H); dalpha: (N, T, L) or None.
+
+    The loop carries dh_{t-1} and dc_{t-1} and accumulates the image gradients; dx,
+    dWx, dWz, dWh and dbh are one GEMM each after it.
+    Returns dx (N, T, W), da (N, L, D), dproj (N, L, A), dh0 (N, H), dc0 (N, H),
+    dWx, dWz, dWh, dbh, dw.
+    """
+    pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj_shape = cache
+    xp = get_array_module(dh, Wx)
+    N, T, H = dh.shape
+    Lc = a.shape[1]
+    dtype = hs_dtype = hprev.dtype
+    dhs = dh.reshape(N * T, H)[pk.idx]
+    dal = None if dalpha is None else dalpha.reshape(N * T, Lc)[pk.idx].astype(hs_dtype, copy=False)
+    P = dhs.shape[0]
+    dgates_all = xp.empty((P, 4 * H), dtype=dtype)
+    dq_all = xp.empty((P, Wh.shape[1]), dtype=dtype)
+    zgs = xp.empty((P, a.shape[2]), dtype=dtype)
+    da = xp.zeros(a.shape, dtype=dtype)
+    dproj = xp.zeros(proj_shape, dtype=dtype)
+    dw = xp.zeros(Wh.shape[1] - 4 * H - 1, dtype=dtype)
+    dprev_h = xp.zeros((N, H), dtype=dtype)
+    dc = xp.zeros((N, H), dtype=dtype)
+    WhT = Wh.T
+    for t in range(len(pk.blocks) - 1, -1, -1):
+        off, n = pk.blocks[t]
+        blk = slice(off, off + n)
+        dh_t = dhs[blk] + dprev_h[:n]
+        dg, dq, dc_prev, dproj_t, da_t, dw_t = _attention_cell_backward(
+            dh_t, dc[:n], None if dal is None else dal[blk], kcaches[t], Wz)
+        dgates_all[blk], dq_all[blk], zgs[blk] = dg, dq, kcaches[t][0]
+        dproj[:n] += dproj_t
+        da[:n] += da_t
+        dw += dw_t
+        xp.matmul(dq, WhT, out=dprev_h[:n])
+        dc[:n] = dc_prev
+    dx = (xp.empty if pk.full else xp.zeros)((N * T, xs.shape[1]), dtype=dtype)
+    dx[pk.idx] = dgates_all @ Wx.T
+    dWx = xs.T @ dgates_all
+    dWz = zgs.T @ dgates_all
+    dWh = hprev.T @ dq_all
+    dbh = dq_all.sum(axis=0)
+    if pk.order is not None:  # back to the batch's order
+        inv = xp.empty_like(pk.order)
+        inv[pk.order] = xp.arange(N)
+        da, dproj, dprev_h, dc = da[inv], dproj[inv], dprev_h[inv], dc[inv]
+    return dx.reshape(N, T, -1), da, dproj, dprev_h, dc, dWx, dWz, dWh, dbh, dw

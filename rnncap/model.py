@@ -54,11 +54,15 @@ class CaptioningModel:
         # Dropout masks come from this generator, so its state is part of a checkpoint.
         self.rng = np.random.default_rng(seed)
 
-        V, D, W, H = self.vocab_size, self.input_dim, self.wordvec_dim, self.hidden_dim
-        k = 4 if cell_type == "lstm" else 1
         init = np.random.default_rng(seed)
-        # Scaled so every pre-activation starts with unit-order variance.
-        p = {
+        self.params = {name: v.astype(self.dtype) for name, v in self._initial_params(init).items()}
+
+    def _initial_params(self, init):
+        """Fresh float64 parameters drawn from the generator ``init``, scaled so every
+        pre-activation starts with unit-order variance."""
+        V, D, W, H = self.vocab_size, self.input_dim, self.wordvec_dim, self.hidden_dim
+        k = 4 if self.cell_type == "lstm" else 1
+        return {
             "W_proj": init.standard_normal((D, H)) / np.sqrt(D),
             "b_proj": np.zeros(H),
             "W_embed": init.standard_normal((V, W)) / 100.0,
@@ -68,7 +72,6 @@ class CaptioningModel:
             "W_vocab": init.standard_normal((H, V)) / np.sqrt(H),
             "b_vocab": np.zeros(V),
         }
-        self.params = {name: v.astype(self.dtype) for name, v in p.items()}
 
     # -- device ----------------------------------------------------------------------
 
@@ -132,7 +135,10 @@ class CaptioningModel:
 
     def _loss_rows(self, features, captions, masks, batch_size, token_weights=None):
         """``loss`` for some rows of the batch: the loss is divided by the whole
-        batch's ``batch_size``, so the parts of a split batch add up."""
+        batch's ``batch_size``, so the parts of a split batch add up.
+
+        The words in and out are the same for every model; what happens between
+        them is ``_recur``, the one part a model of another kind replaces."""
         xp = self.xp
         p = self.params
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
@@ -144,13 +150,10 @@ class CaptioningModel:
             smoothing = 0.0
         mask_x, mask_h = masks
 
-        # Forward: project, embed, (dropout), recur, (dropout), score.
-        h0, c_proj = L.affine_forward(features, p["W_proj"], p["b_proj"])
+        # Forward: embed, (dropout), recur, (dropout), score.
         x, c_embed = L.word_embedding_forward(captions_in, p["W_embed"])
         x = x if mask_x is None else x * mask_x
-        recur_fwd, recur_bwd = ((L.lstm_forward, L.lstm_backward) if self.cell_type == "lstm"
-                                else (L.rnn_forward, L.rnn_backward))
-        h, c_recur = recur_fwd(x, h0, p["Wx"], p["Wh"], p["b"], lengths=self._steps_needed(mask))
+        h, extra_loss, recur_backward = self._recur(features, x, mask, batch_size)
         h = h if mask_h is None else h * mask_h
         # Only positions with a target word reach the loss, so only those are scored:
         # padding is about a quarter of a COCO batch's (N, T, V) scores. The result is
@@ -169,11 +172,33 @@ class CaptioningModel:
         dh = xp.zeros((N * T, H), dtype=dh_kept.dtype)
         dh[keep] = dh_kept
         dh = L.dropout_backward(dh.reshape(N, T, H), mask_h)
-        dx, dh0, grads["Wx"], grads["Wh"], grads["b"] = recur_bwd(dh, c_recur)
+        dx, recur_grads = recur_backward(dh)
+        grads.update(recur_grads)
         dx = L.dropout_backward(dx, mask_x)
         grads["W_embed"] = L.word_embedding_backward(dx, c_embed)
-        _, grads["W_proj"], grads["b_proj"] = L.affine_backward(dh0, c_proj)
-        return loss, grads
+        return loss + extra_loss, grads
+
+    def _recur(self, features, x, mask, batch_size):
+        """From image features and word vectors x (N, T, W) to the hidden states
+        (N, T, H): h0 = features @ W_proj + b_proj, then the RNN/LSTM, running each
+        caption only as far as ``mask`` (N, T) has targets.
+
+        Returns (h, a loss term of the model's own (0 here), backward), where
+        ``backward(dh) -> (dx, grads of the parameters used here)``.
+        """
+        p = self.params
+        h0, c_proj = L.affine_forward(features, p["W_proj"], p["b_proj"])
+        recur_fwd, recur_bwd = ((L.lstm_forward, L.lstm_backward) if self.cell_type == "lstm"
+                                else (L.rnn_forward, L.rnn_backward))
+        h, c_recur = recur_fwd(x, h0, p["Wx"], p["Wh"], p["b"], lengths=self._steps_needed(mask))
+
+        def backward(dh):
+            g = {}
+            dx, dh0, g["Wx"], g["Wh"], g["b"] = recur_bwd(dh, c_recur)
+            _, g["W_proj"], g["b_proj"] = L.affine_backward(dh0, c_proj)
+            return dx, g
+
+        return h, 0.0, backward
 
     @staticmethod
     def _steps_needed(mask):
@@ -232,6 +257,11 @@ class CaptioningModel:
             new_state = (h,)
         scores, _ = L.affine_forward(h, p["W_vocab"], p["b_vocab"])
         return scores, new_state
+
+    def select_state(self, state, rows):
+        """The decoder state of the given rows (N',) of a state batch, in that order:
+        beam search uses it to copy and reorder hypotheses."""
+        return tuple(s[rows] for s in state)
 
     def in_shards(self, fn, features, min_rows=None):
         """Call ``fn(part)`` on row shards of ``features`` side by side and return the
