@@ -111,3 +111,241 @@ def test_token_weights_of_the_wrong_shape_are_refused():
     feats, caps = small_batch()
     with pytest.raises(ValueError, match="token_weights"):
         small_model("rnn").loss(feats, caps, token_weights=np.ones((4, 3)))
+
+
+# ---- the SCST objective ----------------------------------------------------------------
+
+def tiny_vocab(V=11):
+    from rnncap.vocab import Vocab
+
+    return Vocab.from_words(["<NULL>", "<START>", "<END>", "<UNK>"] + [f"w{i}" for i in range(4, V)])
+
+
+def tiny_scorer(vocab, n_images, seed=3):
+    """A CIDEr-D scorer over n_images reference sets of random words (with <END>)."""
+    from rnncap.cider import CiderD
+    from rnncap.scst import reward_references
+
+    r = np.random.default_rng(seed)
+    refs = [[" ".join(r.choice(vocab.idx_to_word[4:], size=int(r.integers(2, 5)))) for _ in range(3)]
+            for _ in range(n_images)]
+    return CiderD(reward_references(refs, "<END>")), refs
+
+
+def objective_for(model, scorer, **kw):
+    from rnncap.scst import ScstObjective
+
+    return ScstObjective(model, tiny_vocab(), scorer, max_length=6, rng=np.random.default_rng(7), **kw)
+
+
+def redraw(objective, features, state):
+    """The captions the objective drew from the generator ``state``: the same draw again."""
+    from rnncap.decoding import sample_decode
+
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state
+    return sample_decode(objective.model, np.repeat(features, objective.samples, axis=0),
+                         max_length=objective.max_length, rng=rng)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_scst_gradient_is_the_policy_gradient(cell):
+    """grads of the objective = d/dparams of -mean_samples (r - b) log p(sample), where
+    log p comes from ``sequence_log_prob`` (through ``step``: another code path than
+    the loss) and b is the leave-one-out mean computed here by hand; the samples and
+    rewards are held fixed while the parameters move (centred differences)."""
+    from rnncap.decoding import sequence_log_prob
+
+    m = small_model(cell)
+    feats, _ = small_batch(N=3)
+    scorer, _ = tiny_scorer(tiny_vocab(), 3)
+    obj = objective_for(m, scorer, samples=4)
+    images = np.array([2, 0, 1])
+    state = obj.rng.bit_generator.state
+    loss, grads = obj.loss(feats, images)
+
+    ids = redraw(obj, feats, state)
+    rewards = scorer.score(obj.tokens(ids, obj.lengths(ids)), np.repeat(images, 4)).reshape(3, 4)
+    base = np.array([[np.mean(np.delete(row, k)) for k in range(4)] for row in rewards])
+    adv = (rewards - base).reshape(-1)
+    assert np.abs(adv).max() > 0  # the check below has something to check
+    assert obj.stats()["reward"] == pytest.approx(rewards.mean())
+    rep = np.repeat(feats, 4, axis=0)
+
+    def surrogate():
+        return -(adv * sequence_log_prob(m, rep, ids)).sum() / len(ids)
+
+    assert loss == pytest.approx(surrogate(), rel=1e-9)
+    check_gradients(surrogate, m.params, grads)
+
+
+def test_scst_weights_cover_the_words_up_to_end_and_nothing_after():
+    """The captions handed to the model loss: <START> + the sample; weight (r - b) on
+    every word up to and including <END>, 0 after it."""
+    m = small_model("lstm")
+    feats, _ = small_batch(N=2)
+    scorer, _ = tiny_scorer(tiny_vocab(), 2)
+    obj = objective_for(m, scorer, samples=3)
+    seen = {}
+    real_loss = m.loss
+
+    def spy(features, captions, train=True, token_weights=None):
+        seen.update(captions=captions, weights=token_weights, train=train)
+        return real_loss(features, captions, train=train, token_weights=token_weights)
+
+    m.loss = spy
+    state = obj.rng.bit_generator.state
+    obj.loss(feats, np.array([0, 1]))
+    ids = redraw(obj, feats, state)
+    caps, w = seen["captions"], seen["weights"]
+    assert seen["train"] is False  # the samples were drawn without dropout
+    assert (caps[:, 0] == START).all() and np.array_equal(caps[:, 1:], ids)
+    for row, wrow in zip(ids, w):
+        ends = np.flatnonzero(row == END)
+        n = ends[0] + 1 if len(ends) else len(row)
+        assert np.all(wrow[n:] == 0) and len(set(wrow[:n])) == 1
+        assert (row[n:] == NULL).all()
+
+
+class FixedScorer:
+    """Rewards by caption length (a stand-in for CIDEr-D that makes baselines easy to
+    check); records what it scored."""
+
+    def __init__(self):
+        self.calls = []
+
+    def score(self, candidates, refs):
+        self.calls.append((candidates, np.asarray(refs)))
+        return np.array([float(len(c)) for c in candidates])
+
+
+def test_leave_one_out_and_greedy_baselines():
+    from rnncap.decoding import greedy_decode
+
+    m = small_model("rnn", jitter=0.5)
+    feats, _ = small_batch(N=2)
+    for baseline in ("mean", "greedy"):
+        scorer = FixedScorer()
+        obj = objective_for(m, scorer, samples=3, baseline=baseline)
+        seen = {}
+        real_loss = m.loss
+        m.loss = lambda f, c, train=True, token_weights=None: (seen.update(w=token_weights)
+                                                                or real_loss(f, c, train, token_weights))
+        obj.loss(feats, np.array([1, 0]))
+        del m.loss
+        r = np.array([float(len(c)) for c in scorer.calls[0][0]]).reshape(2, 3)
+        assert np.array_equal(scorer.calls[0][1], [1, 1, 1, 0, 0, 0])  # each sample vs its image
+        if baseline == "mean":
+            b = (r.sum(axis=1, keepdims=True) - r) / 2
+        else:
+            g = greedy_decode(m, feats, max_length=6, banned=tiny_vocab().never_generated)
+            b = np.array([float(n) for n in obj.lengths(g)])[:, None]
+            assert np.array_equal(scorer.calls[1][1], [1, 0])
+            assert obj.stats()["greedy_reward"] == pytest.approx(b.mean())
+        np.testing.assert_allclose(seen["w"][:, 0], (r - b).reshape(-1))
+
+
+def test_end_is_a_scored_word():
+    from rnncap.scst import reward_references
+
+    assert reward_references([["A dog runs.", "a cat"]], "<END>") == [
+        [["a", "dog", "runs", "<END>"], ["a", "cat", "<END>"]]]
+    scorer, refs = tiny_scorer(tiny_vocab(), 6)  # df needs several images to say anything
+    words = refs[0][0].split()
+    full, unended = scorer.score([words + ["<END>"], words], [0, 0])
+    assert full > unended  # saying <END> where the references do pays
+
+
+def test_objective_arguments_are_checked():
+    from rnncap.scst import ScstObjective
+
+    with pytest.raises(ValueError, match="baseline"):
+        ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), baseline="best")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), samples=1)
+
+
+# ---- the stage through `rnncap train --scst` ------------------------------------------
+
+@pytest.fixture()
+def xe_checkpoint(tmp_path):
+    """A tiny dataset (9 train, 3 val images), its features and a cross-entropy run."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("PIL")
+    from test_features import TinyEncoder
+    from test_robustness import _dataset
+
+    from rnncap.cli import main
+    from rnncap.features import extract_features
+
+    data, ids, paths = _dataset(tmp_path)
+    feats = tmp_path / "f.h5"
+    extract_features({"train": (ids[:9], paths[:9]), "val": (ids[9:], paths[9:])}, TinyEncoder(), feats,
+                     progress=False)
+    out = tmp_path / "xe"
+    assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out), "--hidden", "8",
+                 "--wordvec", "4", "--epochs", "2", "--batch-size", "8", "--length-norm", "0.3",
+                 "--quiet"]) == 0
+    return tmp_path, out / "best.npz"
+
+
+def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
+    """2 epochs of 3 updates straight, against 2 updates, a stop and --resume: bitwise
+    the same parameters, rewards and sampling-generator state."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.cli import main
+
+    tmp, init = xe_checkpoint
+    common = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--samples", "3", "--quiet"]
+    assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "a"), *common]) == 0
+    assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "b"), *common,
+                 "--max-iters", "2"]) == 0
+    stopped = load_checkpoint(tmp / "b" / "last.npz")
+    assert stopped.train_state["iteration"] == 2 and stopped.train_state["epoch"] == 0  # mid-epoch
+    assert main(["train", "--resume", str(tmp / "b" / "last.npz"), "--max-iters", "6", "--quiet"]) == 0
+
+    a, b = load_checkpoint(tmp / "a" / "last.npz"), load_checkpoint(tmp / "b" / "last.npz")
+    assert a.train_state["iteration"] == b.train_state["iteration"] == 6
+    for k in a.model.params:
+        assert np.array_equal(a.model.params[k], b.model.params[k]), k
+    assert a.history["train_reward"] == b.history["train_reward"] and len(a.history["train_reward"]) == 6
+    assert a.train_state["sample_rng"] == b.train_state["sample_rng"]
+
+    train = a.configs["train"]
+    assert train["stage"] == "scst" and train["init"] == str(init) and train["samples"] == 3
+    assert a.configs["decode"]["length_norm"] == 0.3  # the decoding defaults of --init
+    best = load_checkpoint(tmp / "a" / "best.npz").train_state["best"]
+    start = load_checkpoint(init)
+    assert best["val_cider"] >= 0 and "epoch" in best
+    assert start.configs["train"]["stage"] == "xe"
+
+
+def test_scst_keeps_the_start_when_no_epoch_beats_it(xe_checkpoint):
+    """The starting model is epoch 0 on val: with a learning rate that wrecks the model,
+    best.npz stays the --init parameters."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.cli import main
+
+    tmp, init = xe_checkpoint
+    assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "s"), "--epochs", "1",
+                 "--batch-size", "4", "--lr", "1e-2", "--average", "0", "--quiet"]) == 0
+    best = load_checkpoint(tmp / "s" / "best.npz")
+    last = load_checkpoint(tmp / "s" / "last.npz")
+    if best.train_state["best"]["epoch"] == 0:
+        for k, v in load_checkpoint(init).model.params.items():
+            assert np.array_equal(best.model.params[k], v), k
+    else:  # epoch 1 was better on val: then it is what best.npz holds
+        for k in last.model.params:
+            assert np.array_equal(best.model.params[k], last.model.params[k]), k
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--scst"], "--init"),
+    (["--scst", "--init", "x.npz", "--resume", "y.npz"], "--resume alone"),
+])
+def test_scst_command_errors_are_one_line(argv, needle, capsys):
+    from rnncap.cli import main
+
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
