@@ -1,0 +1,368 @@
+"""CIDEr-D in NumPy: the COCO toolkit's CIDEr-D, vectorised, for model selection and rewards.
+
+The math is pycocoevalcap's ``CiderScorer`` (the ``Cider`` class that ``coco_metrics``
+reports), to rounding:
+
+* each caption becomes four term-frequency vectors, one per n-gram order n = 1..4;
+* an n-gram g weighs ``tf(g) * (log(N) - log(max(1, df(g))))``: df(g) counts the
+  *reference sets* (images) in which some reference contains g, N is the number of
+  reference sets; an n-gram found in no reference set has df 0, so weight ``tf * log N``;
+* against one reference, per order: ``sum_g min(h_g, r_g) * r_g / (|h| |r|)``
+  (the "D" clipping), left undivided when either norm is 0 (it is then 0 anyway);
+* times the Gaussian length penalty ``exp(-(l_h - l_r)**2 / (2 * sigma**2))``, sigma 6.
+  The toolkit counts length in bigrams (its ``n == 1`` index), words - 1, so its
+  difference is the difference in words whenever both captions have a word; with an
+  empty caption there is no n-gram and the cosine is 0 whatever the penalty, so words do;
+* mean over the 4 orders, mean over the references, times 10.
+
+Two sources of document frequencies, one class:
+
+* ``cider_d(candidates, references)``: df and N from the evaluated references, the
+  toolkit's behaviour (for reported numbers);
+* ``CiderD(corpus)``: df and N fixed from a corpus of reference sets (e.g. the train
+  references), which is what training rewards use. ``scorer.score(candidates, ref_ids)``
+  scores against corpus reference sets whose vectors were computed once, in the
+  constructor; ``scorer.score(candidates, references)`` takes other references too.
+
+Captions are token lists (plain strings; a token such as ``"<END>"`` is just a word).
+
+How it is fast: tokens become integer ids through one dict; an n-gram of order k is
+the integer pair (id of its first k-1 words, id of its last word), packed into one
+int64 and numbered by its rank in the sorted table of the corpus's n-grams (exact: no
+hashing, no collisions; n-grams the corpus lacks get fresh ids, unique within a call).
+Each sentence set is then an inverted index, one entry per distinct (n-gram, sentence)
+sorted by n-gram, so a candidate's n-gram finds the references of its image that hold it
+with two ``np.searchsorted`` calls. Counting, document frequencies, norms and the
+clipped dot products are sorts, run lengths and ``np.bincount`` over flat arrays: no
+Python work per n-gram, only per token (the dict lookup) and per call.
+"""
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+
+from .errors import DataError
+
+N_ORDERS = 4        # pycocoevalcap always cooks 1..4-grams (its n argument cannot change it)
+SIGMA = 6.0
+# Entry keys: (order << 30 | n-gram id) << 31 | sentence, so entries sort by order, then
+# n-gram, then sentence: 2 + 30 + 31 bits. N-gram ids stay below 2**30, sentences below 2**31.
+_ID_BITS, _SENT_BITS = 30, 31
+_SENT_MASK = (1 << _SENT_BITS) - 1
+_ID_MASK = (1 << _ID_BITS) - 1
+_TOKEN_BASE = 1 << 31  # exact key of an unknown n-gram: prefix id * 2**31 + last token id
+
+
+def cider_d(candidates, references, sigma=SIGMA):
+    """The toolkit's CIDEr-D of one candidate per image against that image's references,
+    with document frequencies from these references.
+
+    candidates: n token lists; references: n lists of token lists (at least one each).
+    Returns (mean, per_image): a float and an (n,) float64 array.
+    """
+    if len(candidates) != len(references):
+        raise DataError(f"{len(candidates)} candidates but {len(references)} reference sets")
+    if len(candidates) == 0:
+        raise DataError("no captions to score")
+    # The candidates go through the constructor's one pass over the references.
+    scorer = CiderD(references, sigma=sigma, _candidates=candidates)
+    ids = np.arange(len(references))
+    scores = scorer._scores(scorer._extra, scorer._refs, *scorer._ref_runs(ids))
+    return float(scores.mean()), scores
+
+
+class CiderD:
+    """CIDEr-D with document frequencies fixed from ``corpus_references`` (a list of
+    reference sets, each a list of token lists).
+
+    ``score(candidates, references)``: candidates[i] is scored against references[i];
+    references is either an integer array of indices into the corpus's reference sets
+    (the fast path: their vectors are precomputed) or a list of reference sets (lists of
+    token lists; their n-grams that the corpus lacks have df 0). Returns (n,) float64.
+    """
+
+    def __init__(self, corpus_references, sigma=SIGMA, _candidates=()):
+        sets = [list(refs) for refs in corpus_references]
+        if not sets:
+            raise DataError("CIDEr-D needs at least one reference set for its document frequencies")
+        for i, refs in enumerate(sets):
+            if not refs:
+                raise DataError(f"reference set {i}: no reference captions")
+        self.sigma = float(sigma)
+        self.n_sets = len(sets)
+        self.log_n = float(np.log(float(self.n_sets)))
+        # The corpus's tokens get ids 0..V-1; its distinct (k+1)-grams are _tables[k]
+        # (sorted keys ``prefix id * V + last token id``), each n-gram's id its rank there.
+        # Unigram ids are token ids. _sizes[k]: ids of order k; more are fresh ones.
+        self._token_ids = {}
+        self._tables = [None] * N_ORDERS
+        self._sizes = np.zeros(N_ORDERS, dtype=np.int64)
+
+        sentences = [ref for refs in sets for ref in refs]
+        sizes = np.array([len(refs) for refs in sets], dtype=np.int64)
+        self._set_start = np.cumsum(sizes) - sizes
+        self._set_size = sizes
+        # _candidates (cider_d's) share the pass; their n-grams enter the tables with df 0.
+        n_refs = len(sentences)
+        every = _Bag(*self._ngrams(sentences + list(_candidates), build=True))
+        is_ref = every.sent < n_refs
+        self._refs = every.subset(is_ref, 0, n_refs)
+        self._extra = every.subset(~is_ref, n_refs, len(every.length) - n_refs)
+
+        # Document frequency: in how many reference sets each n-gram occurs. All orders
+        # share one array (order k from _offset[k]), plus a spare cell with df 0.
+        self._offset = np.cumsum(self._sizes) - self._sizes
+        cell = self._offset[self._refs.order] + self._refs.gid
+        doc = np.repeat(np.arange(self.n_sets, dtype=np.int64), sizes)[self._refs.sent]
+        # Entries run by n-gram, then sentence, so by (n-gram, set): count the set changes.
+        first = np.ones(len(cell), dtype=bool)
+        first[1:] = (cell[1:] != cell[:-1]) | (doc[1:] != doc[:-1])
+        self._df = np.bincount(cell[first], minlength=int(self._sizes.sum()) + 1).astype(np.float64)
+        self._idf = self.log_n - np.log(np.maximum(1.0, self._df))
+        self._weigh(self._refs)
+        self._weigh(self._extra)
+
+    def __len__(self):
+        return self.n_sets
+
+    def document_frequency(self, ngram):
+        """df of one n-gram (a sequence of 1..4 tokens) in the corpus: 0 if unseen."""
+        ngram = list(ngram)
+        if not 1 <= len(ngram) <= N_ORDERS:
+            raise ValueError(f"an n-gram has 1..{N_ORDERS} tokens, got {len(ngram)}")
+        bag = _Bag(*self._ngrams([ngram]))
+        k = len(ngram) - 1
+        g = int(bag.gid[bag.order == k][0])
+        return float(self._df[self._offset[k] + g]) if g < self._sizes[k] else 0.0
+
+    def score(self, candidates, references):
+        """CIDEr-D of candidates[i] against references[i] (see the class docstring)."""
+        ref_ids = _as_ref_ids(references)
+        if ref_ids is not None:
+            if len(ref_ids) != len(candidates):
+                raise DataError(f"{len(candidates)} candidates but {len(ref_ids)} reference ids")
+            if len(ref_ids) and (ref_ids.min() < 0 or ref_ids.max() >= self.n_sets):
+                raise IndexError(f"reference ids must lie in 0..{self.n_sets - 1}")
+            return self._scores(self._bag(candidates), self._refs, *self._ref_runs(ref_ids))
+        sets = [list(r) for r in references]
+        if len(sets) != len(candidates):
+            raise DataError(f"{len(candidates)} candidates but {len(sets)} reference sets")
+        for i, refs in enumerate(sets):
+            if not refs:
+                raise DataError(f"reference set {i}: no reference captions")
+        # One pass over candidates and references, so that n-grams unseen in the corpus
+        # get the same fresh ids on both sides.
+        n = len(candidates)
+        bag = self._bag(list(candidates) + [ref for refs in sets for ref in refs])
+        cands = bag.subset(bag.sent < n, 0, n)
+        self._weigh(cands)
+        counts = np.array([len(r) for r in sets], dtype=np.int64)
+        return self._scores(cands, bag, n + np.cumsum(counts) - counts, counts, corpus_refs=False)
+
+    def _ref_runs(self, ref_ids):
+        """Where the references of each of the given corpus sets lie in ``self._refs``."""
+        return self._set_start[ref_ids], self._set_size[ref_ids]
+
+    def _scores(self, cands, refs, starts, counts, corpus_refs=True):
+        """Candidate i (sentence i of ``cands``) against sentences starts[i] ..
+        starts[i] + counts[i] - 1 of ``refs``: (n,) CIDEr-D. corpus_refs: refs are
+        corpus references, so a candidate n-gram with df 0 matches none."""
+        if len(counts) == 0:
+            return np.zeros(0)
+        # Only entries that can add to a dot product: weight > 0 (idf is 0 when every
+        # reference set has the n-gram) and, against the corpus, an n-gram it has.
+        useful = (cands.w > 0) & cands.in_corpus if corpus_refs else cands.w > 0
+        val = _clipped_cosines(cands, refs, np.flatnonzero(useful), starts, counts, self.sigma)
+        # Mean over orders and references, x 10.
+        pair_cand = np.repeat(np.arange(len(counts)), counts)
+        total = np.bincount(pair_cand, val.sum(axis=1), minlength=len(counts))
+        return 10.0 * total / (N_ORDERS * counts)
+
+    # ---- n-grams to ids to tf-idf vectors ----
+
+    def _bag(self, sentences):
+        bag = _Bag(*self._ngrams(sentences))
+        self._weigh(bag)
+        return bag
+
+    def _weigh(self, bag):
+        """tf-idf values and norms; ids beyond the tables were never seen in the corpus
+        (df 0, idf log N)."""
+        known = bag.gid < self._sizes[bag.order]
+        cell = np.where(known, self._offset[bag.order] + bag.gid, len(self._idf) - 1)
+        bag.in_corpus = self._df[cell] > 0  # the spare cell has df 0
+        bag.weigh(np.where(known, self._idf[cell], self.log_n))
+
+    def _ngrams(self, sentences, build=False):
+        """Entries (distinct n-gram, sentence) of the sentences: sorted keys (see _ID_BITS)
+        with term frequencies, and the sentence lengths in words (the toolkit counts
+        bigrams, words - 1: the same length differences whenever both captions have a
+        word, and an empty caption scores 0 whatever its penalty). build=True fills the
+        tables (constructor only)."""
+        for s in sentences:
+            if isinstance(s, str):
+                raise TypeError("captions must be token lists, not strings (split them first)")
+        lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+        tok = self._tokens(list(chain.from_iterable(sentences)), build)
+        owner = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
+        left = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(tok)) - 1  # words after
+        keys, tfs, prefix = [], [], tok
+        for k in range(N_ORDERS):
+            pos = np.flatnonzero(left >= k)         # where a (k+1)-gram starts
+            if not len(pos):
+                break
+            last = tok[pos + k]
+            if build:
+                # One sort numbers the n-grams and, since windows of one sentence sit
+                # together within an n-gram's run, gives the entries in key order too.
+                key = last if k == 0 else prefix[pos] * self._sizes[0] + last
+                by_key, group, table = _sorted_groups(key)
+                if k:
+                    self._tables[k], self._sizes[k] = table, len(table)
+                ids = np.empty_like(group)
+                ids[by_key] = group
+                key, tf = _runs((k << _ID_BITS | group) << _SENT_BITS | owner[pos][by_key])
+                keys.append(key)
+                tfs.append(tf)
+            else:
+                ids = last if k == 0 else self._ids(k, prefix[pos], last)
+                keys.append((k << _ID_BITS | ids) << _SENT_BITS | owner[pos])
+            prefix = np.empty_like(tok)
+            prefix[pos] = ids
+        if self._sizes.max() + len(tok) >= 1 << _ID_BITS:
+            raise ValueError("too many distinct n-grams for CIDEr-D's 30-bit ids")
+        if not keys:  # no words at all
+            return np.zeros(0, np.int64), np.zeros(0), lengths
+        if build:
+            return np.concatenate(keys), np.concatenate(tfs).astype(np.float64), lengths
+        key, tf = np.unique(np.concatenate(keys), return_counts=True)
+        return key, tf.astype(np.float64), lengths
+
+    def _tokens(self, flat, build):
+        """Token ids; tokens unknown to the corpus get fresh ids (from V on), unique
+        within the call."""
+        ids = self._token_ids
+        distinct = dict.fromkeys(flat)  # first-seen order, so fresh ids are deterministic
+        if build:
+            ids.update(zip(distinct, range(len(distinct))))
+            self._sizes[0] = len(ids)
+        unseen = [t for t in distinct if t not in ids]
+        if unseen:
+            ids = dict(ids)
+            ids.update(zip(unseen, range(len(ids), len(ids) + len(unseen))))
+        return np.fromiter(map(ids.__getitem__, flat), dtype=np.int64, count=len(flat))
+
+    def _ids(self, k, prefix, last):
+        """Ids of the (k+1)-grams (prefix id, last token id): their rank in _tables[k]
+        where known, else fresh ids from _sizes[k] on, one per distinct n-gram."""
+        V, n_prefix, table = self._sizes[0], self._sizes[k - 1], self._tables[k]
+        key = prefix * V + last
+        ids = np.empty(len(key), dtype=np.int64)
+        if table is not None and len(table):
+            at = np.minimum(np.searchsorted(table, key), len(table) - 1)
+            # The key means this n-gram only when both parts are corpus ids.
+            known = (prefix < n_prefix) & (last < V) & (table[at] == key)
+            ids[known] = at[known]
+            miss = np.flatnonzero(~known)
+        else:
+            miss = np.arange(len(key))
+        if len(miss):
+            by_key, group, _ = _sorted_groups(prefix[miss] * _TOKEN_BASE + last[miss])
+            ids[miss[by_key]] = self._sizes[k] + group
+        return ids
+
+
+class _Bag:
+    """Sparse n-gram vectors of S sentences as an inverted index: one entry per distinct
+    (order, n-gram, sentence), sorted by its key. ``weigh(idf)`` sets the tf-idf values
+    ``w`` and the norms (S, 4); ``length`` (S,) is in words."""
+
+    def __init__(self, key, tf, length):
+        hi = key >> _SENT_BITS
+        self.key, self.tf, self.length = key, tf, length
+        self.sent, self.order, self.gid = key & _SENT_MASK, hi >> _ID_BITS, hi & _ID_MASK
+
+    def subset(self, keep, first, n):
+        """The entries ``keep`` of sentences first .. first + n - 1, renumbered from 0."""
+        return _Bag(self.key[keep] - first, self.tf[keep], self.length[first:first + n])
+
+    def weigh(self, idf):
+        self.w = self.tf * idf
+        sq = np.bincount(self.sent * N_ORDERS + self.order, self.w * self.w,
+                         minlength=len(self.length) * N_ORDERS)
+        self.norm = np.sqrt(sq).reshape(len(self.length), N_ORDERS)
+
+
+def _sorted_groups(key):
+    """Sort non-negative int64 keys: (by_key, group, distinct) with key[by_key] sorted
+    (equal keys by position), group the rank of each sorted key among the distinct
+    ones. Key and position are packed into one int64 for a plain sort where that fits
+    (about twice as fast as argsort)."""
+    n = len(key)
+    bits = max(n - 1, 1).bit_length()
+    if n and int(key.max()).bit_length() + bits <= 63:
+        packed = np.sort(key << bits | np.arange(n, dtype=np.int64))
+        by_key, sorted_key = packed & ((1 << bits) - 1), packed >> bits
+    else:
+        by_key = np.argsort(key, kind="stable")
+        sorted_key = key[by_key]
+    first = np.ones(n, dtype=bool)
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
+    return by_key, np.cumsum(first) - 1, sorted_key[first]
+
+
+def _runs(sorted_key):
+    """Distinct values of a sorted array and how often each occurs."""
+    first = np.ones(len(sorted_key), dtype=bool)
+    np.not_equal(sorted_key[1:], sorted_key[:-1], out=first[1:])
+    at = np.flatnonzero(first)
+    return sorted_key[at], np.diff(np.append(at, len(sorted_key)))
+
+
+def _expand(starts, counts):
+    """For runs [starts[i], starts[i] + counts[i]): (run index, position) of every element."""
+    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    offset = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, np.repeat(starts, counts) + offset
+
+
+def _clipped_cosines(cands, refs, useful, starts, counts, sigma):
+    """Per (candidate, reference) pair, in candidate order, and per order: the clipped
+    cosine times the length penalty, (P, 4). Candidate i's references are sentences
+    starts[i] .. starts[i] + counts[i] - 1 of ``refs``; the dot products run over the
+    candidate entries ``useful`` (the others cannot add to them)."""
+    cand = cands.sent[useful]
+    ngram = (cands.order[useful] << _ID_BITS | cands.gid[useful]) << _SENT_BITS
+    # The entries of this n-gram in this candidate's references: one run of refs.key.
+    lo = np.searchsorted(refs.key, ngram | starts[cand])
+    hi = np.searchsorted(refs.key, ngram | (starts[cand] + counts[cand]))
+    hit, at = _expand(lo, hi - lo)
+    entry, r = useful[hit], refs.w[at]
+    h = cands.w[entry]
+    pair_start = np.cumsum(counts) - counts
+    pair = pair_start[cand[hit]] + refs.sent[at] - starts[cand[hit]]
+    P = int(counts.sum())
+    dot = np.bincount(pair * N_ORDERS + cands.order[entry], np.minimum(h, r) * r,
+                      minlength=P * N_ORDERS).reshape(P, N_ORDERS)
+    pair_cand, pair_ref = _expand(starts, counts)
+    norm_h, norm_r = cands.norm[pair_cand], refs.norm[pair_ref]
+    # The toolkit divides only when both norms are non-zero (the dot is 0 otherwise).
+    both = (norm_h != 0) & (norm_r != 0)
+    val = np.where(both, dot / np.where(both, norm_h * norm_r, 1.0), dot)
+    delta = cands.length[pair_cand] - refs.length[pair_ref]
+    return val * np.exp(-(delta ** 2) / (2 * sigma ** 2))[:, None]
+
+
+def _as_ref_ids(references):
+    """references as an int64 index array if it is one (array or list of ints), else None."""
+    if isinstance(references, np.ndarray):
+        if references.dtype.kind in "iu":
+            return references.astype(np.int64).reshape(-1)
+        if references.dtype != object:
+            raise TypeError(f"reference ids must be integers, got dtype {references.dtype}")
+        return None
+    refs = list(references) if not isinstance(references, list) else references
+    if refs and all(isinstance(r, (int, np.integer)) and not isinstance(r, bool) for r in refs):
+        return np.asarray(refs, dtype=np.int64)
+    return None
