@@ -461,6 +461,9 @@ def add_arguments(p):
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over the ranks torchrun starts (gloo on CPUs): "
+                        "torchrun --nproc_per_node N -m rnncap train --distributed ... (docs/scaling.md)")
 
 
 def run(args):
@@ -472,6 +475,8 @@ def run(args):
         raise RnncapError("--weight-decay and --clip must be >= 0")
     if args.out is None:
         args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else "runs/train"
+    if args.distributed and args.scst:
+        raise RnncapError("--distributed covers cross-entropy training, not --scst")
     if args.scst:
         from . import scst
 
@@ -483,6 +488,9 @@ def run(args):
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         if (ckpt.configs.get("train") or {}).get("stage") == "scst":
+            if args.distributed:
+                raise RnncapError(f"{args.resume}: a self-critical checkpoint; --distributed covers "
+                                  f"cross-entropy training only")
             from . import scst
 
             return scst.run(args, ckpt, args.resume, resume=True)
@@ -521,6 +529,12 @@ def run(args):
                                                               DecodeConfig(), {"beam_size": "beam"}))
         pca = not args.no_pca
 
+    comm = None
+    if args.distributed:  # rank 0 alone prints, logs and writes checkpoints
+        from .distributed import init_from_env
+
+        comm = init_from_env(train_cfg.device)
+    main = comm is None or comm.rank == 0
     dataset = load_dataset(data_cfg.captions)
     if ckpt is not None:
         vocab = ckpt.vocab
@@ -531,7 +545,8 @@ def run(args):
                                              encoder=ckpt.encoder if ckpt is not None else None,
                                              standardize=data_cfg.standardize and ckpt is None)
     train_feats, train_caps, train_idx, stats = data["train"]
-    _print_data_summary(dataset, vocab, data, stats)
+    if main:
+        _print_data_summary(dataset, vocab, data, stats)
 
     if ckpt is not None:
         model = ckpt.model
@@ -567,22 +582,38 @@ def run(args):
     if val and train_cfg.select == "cider":
         val_fn = cider_val_fn(vocab, val[0], dataset.splits["val"].references, data_cfg.max_length + 1,
                               beam=train_cfg.select_beam, length_norm=decode_cfg.length_norm)
-    trainer = Trainer(model, (train_feats, train_caps, train_idx), train_cfg,
-                      val=(val[0], val[1], val[2]) if val else None, out_dir=args.out,
+    trained = model
+    if comm is not None:
+        from .distributed import wrap_for_training
+
+        trained = wrap_for_training(model, comm, (train_feats, train_caps, train_idx),
+                                    (ckpt.train_state.get("iteration", 0) if ckpt is not None else 0),
+                                    resume_hint=os.path.join(args.out, "last.npz"))
+        if not main:  # the other ranks take the same steps and write, log and decode nothing
+            checkpoint_fn, val_fn = None, None
+    trainer = Trainer(trained, (train_feats, train_caps, train_idx), train_cfg,
+                      val=(val[0], val[1], val[2]) if val else None, out_dir=args.out if main else None,
                       checkpoint_fn=checkpoint_fn, count_fn=lambda y: int((y[:, 1:] != null).sum()),
-                      unit="tok", progress=False if args.quiet else None, val_fn=val_fn,
+                      unit="tok", progress=False if args.quiet or not main else None, val_fn=val_fn,
                       select=("val_cider", "max") if val_fn else ("val_loss", "min"),
-                      keep_top=train_cfg.average if val_fn and train_cfg.average > 1 else 0)
+                      keep_top=train_cfg.average if val_fn and train_cfg.average > 1 else 0,
+                      log=None if main else (lambda msg: None))
     if ckpt is not None:
         state = dict(ckpt.train_state)
         state["history"] = ckpt.history
         trainer.restore(state)
-        print(f"resuming from {args.resume} at epoch {trainer.epoch}, iteration {trainer.iteration}",
-              file=sys.stderr)
+        if main:
+            print(f"resuming from {args.resume} at epoch {trainer.epoch}, iteration {trainer.iteration}",
+                  file=sys.stderr)
     os.makedirs(args.out, exist_ok=True)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        if comm is not None:
+            comm.close()
     average_top_epochs(trainer, model, val_fn, checkpoint_fn)
-    print(f"checkpoints in {args.out}: last.npz" + (", best.npz" if trainer.best else ""))
+    if main:
+        print(f"checkpoints in {args.out}: last.npz" + (", best.npz" if trainer.best else ""))
     return 0
 
 
