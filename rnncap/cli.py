@@ -23,6 +23,7 @@ COMMANDS = {
     "caption": ("rnncap.sample", "caption photos with a trained checkpoint"),
     "evaluate": ("rnncap.evaluate", "COCO metrics, diversity and an HTML report on a split"),
     "bench": ("rnncap.bench", "time a training step and decoding against PyTorch"),
+    "serve": ("rnncap.serve", "a web page and a JSON API that caption photos"),
 }
 
 
@@ -89,7 +90,9 @@ def main(argv=None):
         return 2
     except ModuleNotFoundError as e:
         extra = {"torch": "vision", "PIL": "vision", "h5py": "vision",
-                 "pycocoevalcap": "eval", "matplotlib": "report", "cupy": "gpu"}.get((e.name or "").split(".")[0])
+                 "pycocoevalcap": "eval", "matplotlib": "report", "cupy": "gpu",
+                 "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "multipart": "serve",
+                 "python_multipart": "serve"}.get((e.name or "").split(".")[0])
         if extra is None:
             raise
         print(f"rnncap {args.command}: error: this needs the package {e.name!r}; "

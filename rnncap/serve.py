@@ -1,0 +1,472 @@
+"""``rnncap serve``: a web page and a JSON API that caption photos with one checkpoint.
+
+    rnncap serve --checkpoint runs/demo/model/best.npz     # then open http://127.0.0.1:8000/
+    curl -F image=@photo.jpg http://127.0.0.1:8000/api/caption
+
+Read top to bottom: the limits, the app (``create_app``: routes, how an upload is
+read, how captioning is kept off the event loop), what ``GET /api/model`` says about
+a checkpoint, and the command.
+
+Choices worth knowing:
+
+- Every photo goes through ``Captioner`` exactly as in ``rnncap caption``:
+  ``load_image`` on the uploaded bytes, then ``Captioner.caption_details``, whose top
+  caption is ``Captioner.caption``'s. The same photo gets the same caption both ways.
+- What a photo is gets decided by its bytes (Pillow, through ``load_image``), never by
+  its file name or MIME type. A request succeeds or fails whole: one unusable photo
+  gives a 4xx JSON error ``{"error": "..."}`` that names it.
+- The size limit is enforced while the body is read, whatever Content-Length says
+  (a declared length over the limit is refused before reading, as a courtesy).
+- Work is bounded: at most ``max_pending`` requests are admitted at once (reading,
+  waiting or captioning), and ``workers`` threads caption. A request beyond that gets
+  503 with Retry-After at once; nothing queues without bound. The admission is
+  released when the captioning job itself ends, so a client that hangs up cannot
+  leave orphaned jobs piling up behind the bound.
+- One worker by default: the encoder (torch) and the decoder (NumPy) each use every
+  core already, and the model's BLAS limit is process-wide (rnncap.model).
+- The page is static files in ``rnncap/static`` and loads nothing from elsewhere; a
+  Content-Security-Policy of ``'self'`` makes sure of it. ``/openapi.json`` describes
+  the API; Swagger UI and ReDoc are switched off, since FastAPI's pull their assets
+  from a CDN and would show a blank page offline.
+- CORS is off (browsers allow only same-origin calls) unless ``--cors-origin`` names
+  the origins that may call the API.
+"""
+import asyncio
+import contextlib
+import inspect
+import math
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import CheckpointError, DataError, RnncapError
+from .images import DEFAULT_MAX_PIXELS
+
+# Where `rnncap demo` (default --out runs/demo) keeps its best model.
+DEMO_CHECKPOINT = os.path.join("runs", "demo", "model", "best.npz")
+MB = 1024 * 1024
+STATIC = Path(__file__).resolve().parent / "static"
+
+# The page may load and call only this server; images are shown from blob: URLs.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+     b"frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+@dataclass
+class Limits:
+    """What one server accepts and how much work it takes on at once."""
+    max_bytes: int = 10 * MB            # one request body: all its photos together
+    max_files: int = 8                  # photos per request
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per photo, checked on the header before decoding
+    max_beam: int = 10                  # beam (and n) a request may ask for
+    workers: int = 1                    # threads that caption at the same time
+    max_pending: int = 16               # requests admitted at once, workers included
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and a one-line message."""
+
+    def __init__(self, status, message, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class _Gate:
+    """Admission: at most ``capacity`` requests at once. Entered on the event loop,
+    left there or by a worker thread when the job ends, hence the lock."""
+
+    def __init__(self, capacity):
+        self.capacity, self.count, self._lock = capacity, 0, threading.Lock()
+
+    def enter(self):
+        with self._lock:
+            if self.count >= self.capacity:
+                return False
+            self.count += 1
+            return True
+
+    def leave(self):
+        with self._lock:
+            self.count -= 1
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(captioner, *, info=None, limits=None, cors_origins=()):
+    """The FastAPI app around one captioner (anything with ``caption_details``).
+
+    info: the dict ``GET /api/model`` returns (``describe_checkpoint``); limits: a
+    ``Limits``; cors_origins: origins allowed to call the API from other pages.
+    """
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.staticfiles import StaticFiles
+    from starlette.exceptions import HTTPException
+
+    limits = limits or Limits()
+    defaults = decoding_defaults(captioner)
+    wants_attention = bool(getattr(captioner, "attends", False))  # Captioner.attends: attention models
+    gate = _Gate(limits.max_pending)
+    pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rnncap-caption")
+    seconds_per_job = [1.0]  # a running mean, for Retry-After
+    index_html = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)  # a running job ends on its own
+
+    app = FastAPI(title="rnncap", version=_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", lifespan=lifespan,
+                  description="Caption photos with a recurrent captioner. POST photos as multipart "
+                              "field `image` to /api/caption. Errors are JSON: {\"error\": \"...\"}.")
+    app.add_middleware(_SecurityHeaders)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
+
+    def error(status, message, headers=None):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e):
+        return error(e.status, e.message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_query(request, e):
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()) if x not in ("query", "body"))
+        return error(422, f"query parameter {where}: {first.get('msg', 'invalid')}"
+                          f" (got {first.get('input')!r})")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request, e):
+        return error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e):  # logged with its traceback by the server
+        return error(500, f"internal error ({type(e).__name__}); the server log has the details")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return HTMLResponse(index_html)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/health", summary="Liveness and load")
+    async def health():
+        return {"status": "ok", "in_progress": gate.count, "capacity": gate.capacity,
+                "workers": limits.workers}
+
+    @app.get("/api/model", summary="What the checkpoint is")
+    async def model():
+        return {**(info or {}), "attention": wants_attention, "decoding_defaults": defaults,
+                "limits": asdict(limits)}
+
+    @app.post("/api/caption", summary="Caption one or several photos", openapi_extra=_UPLOAD_SCHEMA)
+    async def caption(
+        request: Request,
+        beam: int | None = Query(None, ge=1, le=limits.max_beam,
+                                 description="beam size; 1 = greedy (default: the model's)"),
+        n: int | None = Query(None, ge=1, le=limits.max_beam,
+                              description="how many captions per photo, at most the beam (default 1)"),
+        length_norm: float | None = Query(None, ge=0, le=10, allow_inf_nan=False,
+                                          description="rank beams by logprob / len**length_norm"),
+    ):
+        kwargs = {k: v for k, v in (("beam", beam), ("n", n), ("length_norm", length_norm)) if v is not None}
+        if wants_attention:
+            kwargs["return_attention"] = True
+        width = kwargs.get("beam", defaults.get("beam"))
+        if width is not None and kwargs.get("n", 1) > max(width, 1):
+            raise ApiError(422, f"query parameter n: at most the beam size ({width}) captions, "
+                                f"got n={kwargs['n']}; raise beam too")
+        if not gate.enter():
+            wait = max(1, math.ceil(seconds_per_job[0] * gate.capacity / limits.workers))
+            raise ApiError(503, f"busy: {gate.capacity} requests are in progress; retry in {wait} s",
+                           {"Retry-After": str(wait)})
+        submitted = False
+        try:
+            t0 = time.perf_counter()
+            photos = await _read_photos(request, limits)
+            job = pool.submit(_caption_photos, captioner, photos, kwargs, limits.max_pixels)
+            submitted = True
+            job.add_done_callback(lambda _: gate.leave())
+            results, started, ended = await asyncio.wrap_future(job)
+        except DataError as e:
+            raise ApiError(422, str(e)) from None
+        finally:
+            if not submitted:
+                gate.leave()
+        seconds_per_job[0] = 0.8 * seconds_per_job[0] + 0.2 * (ended - started)
+        return {"photos": results,
+                "decoding": {**defaults, **{k: v for k, v in kwargs.items() if k != "return_attention"}},
+                "ms": {"queued": _ms(started - t0), "total": _ms(time.perf_counter() - t0)}}
+
+    return app
+
+
+# The request body of POST /api/caption, for /openapi.json (the body is read by hand).
+_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"],
+    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                             "description": "one or several photos (JPEG, PNG, ...)"}}}}}}}
+
+
+class _SecurityHeaders:
+    """Plain ASGI middleware adding SECURITY_HEADERS to every response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _read_photos(request, limits):
+    """The request's files in field ``image`` as [(file name, label for errors,
+    bytes)], the body read with the size limit counted chunk by chunk."""
+    from starlette.formparsers import MultiPartException, MultiPartParser
+    from starlette.requests import ClientDisconnect
+
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise ApiError(415, "send the photos as multipart/form-data in the field 'image' "
+                            "(curl -F image=@photo.jpg ...)")
+    too_large = (f"the upload is over the limit of {limits.max_bytes / MB:g} MB per request (all its "
+                 f"photos together); send smaller or fewer photos")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_bytes:
+        raise ApiError(413, too_large)
+
+    async def body():
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limits.max_bytes:
+                raise _TooLarge()
+            yield chunk
+
+    parser = MultiPartParser(request.headers, body(), max_files=limits.max_files, max_fields=16)
+    try:
+        form = await parser.parse()
+    except _TooLarge:
+        raise ApiError(413, too_large) from None
+    except MultiPartException as e:
+        if "too many files" in str(e).lower():
+            raise ApiError(400, f"too many files: at most {limits.max_files} photos per request") from None
+        raise ApiError(400, f"malformed multipart body: {e}") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before the upload ended") from None
+    try:
+        parts = form.getlist("image")
+        if not parts:
+            fields = sorted(set(form.keys()))
+            raise ApiError(400, "missing the multipart field 'image' (send photos as -F image=@photo.jpg)"
+                           + (f"; got only {', '.join(map(repr, fields))}" if fields else ""))
+        photos = []
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                raise ApiError(400, "the field 'image' must carry files (-F image=@photo.jpg), not text")
+            name = (part.filename or "")[:200] or "unnamed"
+            label = repr(name) + (f" (photo {i + 1} of {len(parts)})" if len(parts) > 1 else "")
+            photos.append((name, label, await part.read()))
+        return photos
+    finally:
+        await form.close()
+
+
+def _caption_photos(captioner, photos, kwargs, max_pixels):
+    """In a worker thread: decode and caption each photo in turn (so at most one
+    full-size decoded photo is held at a time). Returns (results, start, end)."""
+    from .images import load_image
+
+    started = time.perf_counter()
+    results = []
+    for name, label, data in photos:
+        t = time.perf_counter()
+        image = load_image(data, max_pixels=max_pixels, name=label)
+        t_decode = time.perf_counter()
+        captions = captioner.caption_details([image], **kwargs)[0]
+        results.append({"name": name, "width": image.width, "height": image.height,
+                        "captions": [_caption_entry(c) for c in captions],
+                        "ms": {"decode": _ms(t_decode - t), "caption": _ms(time.perf_counter() - t_decode)}})
+        del image
+    return results, started, time.perf_counter()
+
+
+def _caption_entry(c):
+    """One caption for JSON: its words, log-probability and, from attention models,
+    a grid of weights per word ((n_words, h, w) as nested lists)."""
+    import numpy as np
+
+    out = {"caption": c["caption"], "words": c["caption"].split(), "logprob": float(c["logprob"])}
+    if c.get("attention") is not None:
+        out["attention"] = np.round(np.asarray(c["attention"], dtype=np.float64), 4).tolist()
+    return out
+
+
+def _ms(seconds):
+    return round(seconds * 1000.0, 2)
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+# ---- what a checkpoint is -----------------------------------------------------------
+
+def decoding_defaults(captioner):
+    """beam, n, length_norm and max_length a request gets when it names none: the
+    captioner's own (``Captioner.decoding``: the checkpoint's), else the defaults of
+    its ``caption_details``."""
+    params = inspect.signature(captioner.caption_details).parameters
+    out = {k: params[k].default for k in ("beam", "n", "length_norm", "max_length")
+           if k in params and params[k].default is not inspect.Parameter.empty}
+    if hasattr(captioner, "decoding"):
+        out["beam"], out["length_norm"] = captioner.decoding()
+    if out.get("max_length") is None and getattr(captioner, "max_length", None) is not None:
+        out["max_length"] = int(captioner.max_length)
+    return out
+
+
+def describe_checkpoint(path):
+    """What ``GET /api/model`` says: model type, cell, sizes, encoder, vocabulary,
+    training data and the validation metrics stored with the checkpoint."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model_cfg = ckpt.configs.get("model") or {}
+    m = ckpt.model
+    return {
+        "checkpoint": os.path.basename(os.fspath(path)),
+        "model": model_cfg.get("model", "h0"),
+        "model_class": type(m).__name__,
+        "cell": getattr(m, "cell_type", model_cfg.get("cell_type")),
+        "hidden_dim": getattr(m, "hidden_dim", None),
+        "wordvec_dim": getattr(m, "wordvec_dim", None),
+        "vocab_size": len(ckpt.vocab),
+        "encoder": {k: v for k, v in (ckpt.encoder or {}).items() if k in ("name", "pooling", "image_size")},
+        "pca_dim": int(ckpt.pca["components"].shape[1]) if ckpt.pca is not None else None,
+        "training_data": (ckpt.configs.get("data") or {}).get("captions") or None,
+        "iteration": ckpt.train_state.get("iteration"),
+        "val_metrics": _val_metrics(ckpt),
+    }
+
+
+def _val_metrics(ckpt):
+    """The validation numbers logged at this checkpoint's iteration (else the last)."""
+    h = ckpt.history or {}
+    its = list(h.get("val_iteration") or [])
+    if not its:
+        return {}
+    it = ckpt.train_state.get("iteration")
+    i = its.index(it) if it in its else len(its) - 1
+    return {k: v[i] for k, v in h.items()
+            if k.startswith("val_") and k != "val_iteration" and isinstance(v, list) and i < len(v)}
+
+
+# ---- the command --------------------------------------------------------------------
+
+def add_arguments(p):
+    from .cli import positive_float, positive_int
+
+    p.add_argument("--checkpoint",
+                   help=f"a checkpoint from `rnncap train` (default: {DEMO_CHECKPOINT}, "
+                        f"made by `rnncap demo`)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; "
+                        "0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default %(default)s; 0 = any free port)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=Limits.max_bytes / MB,
+                   help="largest request body in MB, all its photos together (default %(default)g)")
+    p.add_argument("--max-files", type=positive_int, default=Limits.max_files,
+                   help="most photos per request (default %(default)s)")
+    p.add_argument("--max-pixels", type=positive_int, default=Limits.max_pixels,
+                   help="most pixels per photo, checked before decoding (default %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=Limits.workers,
+                   help="photos captioned at the same time (default %(default)s)")
+    p.add_argument("--max-pending", type=positive_int, default=Limits.max_pending,
+                   help="requests taken on at once, the captioning ones included; more get 503 "
+                        "with Retry-After (default %(default)s)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; "
+                        "repeatable (default: CORS off)")
+    p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def run(args):
+    import uvicorn
+
+    from .sample import Captioner
+
+    path = args.checkpoint or DEMO_CHECKPOINT
+    if not os.path.isfile(path):
+        if args.checkpoint:
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"no checkpoint given and none at {DEMO_CHECKPOINT}: run `rnncap demo` "
+                              f"to make one, or pass --checkpoint runs/.../best.npz")
+    if args.max_pending < args.workers:
+        raise RnncapError(f"--max-pending ({args.max_pending}) must be at least --workers ({args.workers})")
+    limits = Limits(max_bytes=int(args.max_upload_mb * MB), max_files=args.max_files,
+                    max_pixels=args.max_pixels, workers=args.workers, max_pending=args.max_pending)
+    sock = _listen(args.host, args.port)
+    captioner = Captioner.from_checkpoint(path, weights=args.weights)
+    app = create_app(captioner, info=describe_checkpoint(path), limits=limits,
+                     cors_origins=args.cors_origin)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+    print(f"rnncap serve: {path} at {url}  (Ctrl-C stops)", flush=True)
+    config = uvicorn.Config(app, log_level="info" if args.access_log else "warning",
+                            access_log=args.access_log, timeout_graceful_shutdown=10)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then passed Ctrl-C on
+        pass
+    finally:
+        sock.close()
+    print("rnncap serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _listen(host, port):
+    """A listening socket, or one line saying why there is none."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise RnncapError(f"--host {host}: not an address of this machine ({e.strerror})")
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise RnncapError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+                          f"or --host") from None
+    sock.set_inheritable(True)
+    return sock
