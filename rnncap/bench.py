@@ -33,6 +33,10 @@ SIZES = {
     "coco": dict(T=16, D=512, W=256, H=512, V=1004),
     # for smoke tests: every code path, no meaningful timing
     "tiny": dict(T=5, D=12, W=8, H=10, V=17),
+    # the attention model (L locations of D channels, attention size A) as trained on
+    # Flickr8k (docs/attention.md): EfficientNet-Lite0's 7x7 map
+    "attention": dict(T=16, L=49, D=512, W=256, H=512, A=256, V=2538),
+    "tiny-attention": dict(T=5, L=4, D=12, W=8, H=10, A=6, V=17),
 }
 NULL, START, END = 0, 1, 2
 LR = 1e-3
@@ -144,7 +148,8 @@ def make_batch(N, dims, seed=0, full_length=False):
     """
     rng = np.random.default_rng(seed)
     T, V = dims["T"], dims["V"]
-    features = rng.standard_normal((N, dims["D"])).astype(np.float32)
+    # (N, L, D) spatial maps for the attention model
+    features = rng.standard_normal((N, *([dims["L"]] if "L" in dims else []), dims["D"])).astype(np.float32)
     captions = np.full((N, T + 1), NULL, dtype=np.int64)
     captions[:, 0] = START
     if full_length:
@@ -169,9 +174,14 @@ def step_flops(N, dims, steps=None, scored=None):
     T, D, W, H, V = (dims[k] for k in "TDWHV")
     steps = N * T if steps is None else steps
     scored = N * T if scored is None else scored
+    vocab = 2 * scored * H * V
+    if "A" in dims:  # attention: init from the mean map, P = a @ W_att, and per step
+        Lc, A = dims["L"], dims["A"]    # h @ Wh (gates, query, gate), x @ Wx, z @ Wz, e, z
+        once = 2 * N * D * 2 * H + 2 * N * Lc * D * A
+        recur = 2 * steps * (H * (4 * H + A + 1) + (W + D) * 4 * H + Lc * A + Lc * D)
+        return 2 * once + 3 * (recur + vocab)
     proj = 2 * N * D * H
     recur = 2 * steps * (W + H) * 4 * H
-    vocab = 2 * scored * H * V
     return 2 * proj + 3 * (recur + vocab)
 
 
@@ -187,9 +197,16 @@ def work_done(captions, dims):
 def build_rnncap(dims, seed, device="cpu"):
     from .model import CaptioningModel
 
-    model = CaptioningModel(dims["V"], dims["D"], dims["W"], dims["H"], cell_type="lstm",
-                            null_id=NULL, start_id=START, end_id=END, dtype=np.float32,
-                            seed=seed)
+    if "A" in dims:
+        from .attention import AttentionCaptioningModel
+
+        model = AttentionCaptioningModel(dims["V"], dims["D"], dims["W"], dims["H"],
+                                         attention_dim=dims["A"], null_id=NULL, start_id=START,
+                                         end_id=END, dtype=np.float32, seed=seed)
+    else:
+        model = CaptioningModel(dims["V"], dims["D"], dims["W"], dims["H"], cell_type="lstm",
+                                null_id=NULL, start_id=START, end_id=END, dtype=np.float32,
+                                seed=seed)
     return model.to(device)
 
 
@@ -210,11 +227,20 @@ def rnncap_trainer(model, lr=LR):
     return step
 
 
+def _gate_order(H):
+    """rnncap orders the LSTM gates i, f, o, g; torch orders them i, f, g, o."""
+    import torch
+
+    return torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+
+
 def build_torch(model, device="cpu"):
     """The same captioner in idiomatic PyTorch, with rnncap's weights copied in."""
     import torch
     from torch import nn
 
+    if hasattr(model, "attention_dim"):
+        return build_torch_attention(model, device)
     p = {k: torch.from_numpy(to_numpy(v).copy()) for k, v in model.params.items()}
     V, D, W, H = model.vocab_size, model.input_dim, model.wordvec_dim, model.hidden_dim
 
@@ -232,9 +258,7 @@ def build_torch(model, device="cpu"):
             return self.vocab(h)
 
     tm = TorchCaptioner().to(p["Wx"].dtype)
-    # rnncap orders the gates i, f, o, g; torch orders them i, f, g, o.
-    order = torch.cat([torch.arange(0, 2 * H), torch.arange(3 * H, 4 * H),
-                       torch.arange(2 * H, 3 * H)])
+    order = _gate_order(H)
     with torch.no_grad():
         tm.proj.weight.copy_(p["W_proj"].T)
         tm.proj.bias.copy_(p["b_proj"])
@@ -248,18 +272,103 @@ def build_torch(model, device="cpu"):
     return tm.to(device)
 
 
-def torch_trainer(tm, lr=LR):
+def build_torch_attention(model, device="cpu"):
+    """The attention captioner the way PyTorch Show-Attend-Tell code is usually
+    written (nn.Linear for the init, the encoder and decoder attention projections
+    and the gate, nn.LSTMCell over [word, gated context], a time loop over the rows
+    still running, longest first), with rnncap's weights copied in. forward returns
+    (scores (N, T, V), alphas (N, T, L)), zeros past each caption's end."""
+    import torch
+    from torch import nn
+
+    p = {k: torch.from_numpy(to_numpy(v).copy()) for k, v in model.params.items()}
+    V, D, W, H, A = (model.vocab_size, model.input_dim, model.wordvec_dim, model.hidden_dim,
+                     model.attention_dim)
+
+    class TorchAttentionCaptioner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.init = nn.Linear(D, 2 * H)              # h0 | c0
+            self.encoder_att = nn.Linear(D, A, bias=False)
+            self.decoder_att = nn.Linear(H, A)
+            self.full_att = nn.Linear(A, 1, bias=False)
+            self.f_beta = nn.Linear(H, 1)
+            self.embed = nn.Embedding(V, W)
+            self.cell = nn.LSTMCell(W + D, H)
+            self.vocab = nn.Linear(H, V)
+
+        def forward(self, maps, captions_in, lengths):
+            N, T = captions_in.shape
+            order = torch.argsort(lengths, descending=True, stable=True)
+            a, words, lengths = maps[order], captions_in[order], lengths[order]
+            h, c = torch.tanh(self.init(a.mean(dim=1))).chunk(2, dim=1)
+            att_a = self.encoder_att(a)
+            x = self.embed(words)
+            scores = maps.new_zeros(N, T, V)
+            alphas = maps.new_zeros(N, T, a.shape[1])
+            for t in range(T):
+                n = int((lengths > t).sum())
+                if n == 0:
+                    break
+                e = self.full_att(torch.tanh(att_a[:n] + self.decoder_att(h[:n]).unsqueeze(1))).squeeze(2)
+                alpha = torch.softmax(e, dim=1)
+                z = (alpha.unsqueeze(2) * a[:n]).sum(dim=1)
+                z = torch.sigmoid(self.f_beta(h[:n])) * z
+                h, c = self.cell(torch.cat([x[:n, t], z], dim=1), (h[:n], c[:n]))
+                scores[:n, t] = self.vocab(h)
+                alphas[:n, t] = alpha
+            inv = torch.argsort(order)
+            return scores[inv], alphas[inv]
+
+    tm = TorchAttentionCaptioner().to(p["Wx"].dtype)
+    order = _gate_order(H)
+    with torch.no_grad():
+        tm.init.weight.copy_(p["W_init"].T)
+        tm.init.bias.copy_(p["b_init"])
+        tm.encoder_att.weight.copy_(p["W_att"].T)
+        tm.decoder_att.weight.copy_(p["Wh"][:, 4 * H:4 * H + A].T)
+        tm.decoder_att.bias.copy_(p["bh"][4 * H:4 * H + A])
+        tm.full_att.weight.copy_(p["w_att"][None, :])
+        tm.f_beta.weight.copy_(p["Wh"][:, -1:].T)
+        tm.f_beta.bias.copy_(p["bh"][-1:])
+        tm.embed.weight.copy_(p["W_embed"])
+        tm.cell.weight_ih.copy_(torch.cat([p["Wx"], p["Wz"]]).T[order])
+        tm.cell.weight_hh.copy_(p["Wh"][:, :4 * H].T[order])
+        tm.cell.bias_ih.zero_()
+        tm.cell.bias_hh.copy_(p["bh"][:4 * H][order])
+        tm.vocab.weight.copy_(p["W_vocab"].T)
+        tm.vocab.bias.copy_(p["b_vocab"])
+    tm.attention_reg = model.attention_reg
+    return tm.to(device)
+
+
+def torch_loss(tm, captions_in, target, features):
+    """The masked cross-entropy (summed, divided by N) of a torch twin, plus for the
+    attention twin its doubly stochastic penalty over the real steps."""
     import torch
     import torch.nn.functional as F
+
+    mask = target != NULL
+    N = target.shape[0]
+    if hasattr(tm, "attention_reg"):
+        lengths = torch.where(mask.any(dim=1), mask.shape[1] - mask.flip(1).int().argmax(dim=1), 0)
+        scores, alphas = tm(features, captions_in, lengths)
+        gap = 1.0 - (alphas * mask.unsqueeze(2)).sum(dim=1)
+        penalty = tm.attention_reg * (gap * gap * mask.any(dim=1, keepdim=True)).sum() / N
+    else:
+        scores, penalty = tm(features, captions_in), 0.0
+    return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1),
+                           ignore_index=NULL, reduction="sum") / N + penalty
+
+
+def torch_trainer(tm, lr=LR):
+    import torch
 
     opt = torch.optim.Adam(tm.parameters(), lr=lr)
 
     def step(features, captions):
-        scores = tm(features, captions[:, :-1])
-        target = captions[:, 1:]
         # Masked cross-entropy: <NULL> targets are ignored; summed, divided by N.
-        loss = F.cross_entropy(scores.reshape(-1, scores.shape[-1]), target.reshape(-1),
-                               ignore_index=NULL, reduction="sum") / captions.shape[0]
+        loss = torch_loss(tm, captions[:, :-1], captions[:, 1:], features)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -475,6 +584,7 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
     f_x = xp.asarray(features)
     beam = getattr(decoding, "beam_search", None)
     fns = {"rnncap greedy": lambda: decoding.greedy_decode(model, f_x, max_length=max_length)}
+    with_torch = with_torch and "A" not in dims  # the attention twin is timed in training only
     if beam is not None:
         fns["rnncap beam"] = lambda: beam(model, f_x, beam_size=beam_size, max_length=max_length)
     res = {"N": N, "max_length": max_length, "beam_size": beam_size,

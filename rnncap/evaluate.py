@@ -170,9 +170,10 @@ def run(args):
     if n == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no images")
     features = _split_features(args, ckpt, dataset, split, n)
-    if features.shape[1] != model.input_dim:
-        raise CheckpointError(f"{args.checkpoint}: the model expects {model.input_dim}-d features but the "
-                              f"features for '{args.split}' are {features.shape[1]}-d")
+    if features.shape[-1] != model.input_dim or features.ndim != (3 if hasattr(model, "attention_dim") else 2):
+        raise CheckpointError(f"{args.checkpoint}: the model expects {model.input_dim}-d "
+                              + ("spatial maps" if hasattr(model, "attention_dim") else "features")
+                              + f" but the features for '{args.split}' have shape {features.shape[1:]}")
     if args.device != "cpu":
         model.to(args.device)
 
@@ -209,6 +210,9 @@ def run(args):
                                                  indent=1, ensure_ascii=False), encoding="utf-8")
     items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}
              for k in rows[:args.report_images]]
+    if hasattr(model, "attention_dim"):
+        _add_attention_figures(items, model, vocab, features[rows[:args.report_images]], beam,
+                               max_length, length_norm)
     title = f"rnncap evaluate: {Path(args.checkpoint).name} on {args.split} ({len(rows)} images)"
     report = write_report(out, items, summary, history=ckpt.history, title=title)
 
@@ -219,6 +223,25 @@ def run(args):
         print("\n".join(format_summary(summary)))
     print(f"wrote {out / 'results.json'}, {out / 'metrics.json'}, {report}", file=sys.stderr)
     return 0
+
+
+def _add_attention_figures(items, model, vocab, features, beam, max_length, length_norm):
+    """Each report item of an attention model gets the figure of its scored caption:
+    the photo and where each word looked (``rnncap.report.attention_figure``)."""
+    from .decoding import beam_search
+    from .report import attention_figure
+
+    hyps = beam_search(model, features, beam_size=beam, max_length=max_length, length_norm=length_norm,
+                       banned=vocab.never_generated, return_attention=True)
+    for item, (top,) in zip(items, hyps):
+        words = vocab.decode(top.ids).split()
+        side = int(round(top.attention.shape[1] ** 0.5))
+        if item.get("image") is not None:
+            maps = top.attention[:len(words)].reshape(len(words), side, side)
+            try:
+                item["attention_figure"] = attention_figure(item["image"], words, maps, panel=112, columns=3)
+            except Exception as e:  # a report should survive one unreadable photo
+                print(f"note: no attention figure for {item['image_id']}: {e}", file=sys.stderr)
 
 
 def _split_features(args, ckpt, dataset, split, n):

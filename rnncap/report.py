@@ -9,7 +9,8 @@ network. Every piece of text goes through ``html.escape``.
 items: a list of dicts, one per photo::
 
     {"image_id": ..., "image": path | PIL.Image | None, "greedy": str, "beam": str,
-     "references": [str, ...], "scores": {metric: float or None}}
+     "references": [str, ...], "scores": {metric: float or None},
+     "attention_figure": PIL.Image (attention models: ``attention_figure``)}
 
 Missing keys are left out of the page; an image that cannot be read shows a note
 instead of failing the report.
@@ -34,6 +35,7 @@ table.summary td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .grid { display: flex; flex-wrap: wrap; gap: 1em; }
 .card { box-sizing: border-box; background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: 0.8em; width: 360px; }
 .card img { display: block; max-width: 100%; margin: 0 auto 0.5em auto; }
+.card img.attention { width: 100%; height: auto; }
 .noimage { height: 120px; display: flex; text-align: center; align-items: center; justify-content: center;
            background: #eee; color: #777; margin-bottom: 0.5em; }
 .id { font-size: 0.8em; color: #777; word-break: break-all; }
@@ -105,6 +107,8 @@ def _card(item):
     for key, label in (("greedy", "greedy"), ("beam", "beam"), ("caption", "caption")):
         if item.get(key) is not None:
             out.append(f'<p class="cap {key}"><b>{label}</b> {_esc(item[key])}</p>')
+    if item.get("attention_figure") is not None:
+        out.append(_attention_html(item["attention_figure"]))
     refs = item.get("references") or []
     if refs:
         out.append('<ul class="refs">' + "".join(f"<li>{_esc(r)}</li>" for r in refs) + "</ul>")
@@ -128,6 +132,15 @@ def _image_html(image):
     return f'<img src="data:image/jpeg;base64,{b64}" width="{w}" height="{h}" alt="photo">'
 
 
+def _attention_html(figure):
+    """An ``attention_figure`` as an embedded PNG, under the photo."""
+    buf = io.BytesIO()
+    figure.save(buf, format="PNG", optimize=True)
+    b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<img class="attention" src="data:image/png;base64,{b64}" width="{figure.width}" '
+            f'height="{figure.height}" alt="attention map of each word">')
+
+
 def _thumbnail_jpeg(image):
     from PIL import Image
 
@@ -141,6 +154,49 @@ def _thumbnail_jpeg(image):
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
     return buf.getvalue(), im.size
+
+
+# ---- attention maps ------------------------------------------------------------------
+
+def attention_figure(image, words, maps, panel=176, columns=6):
+    """A figure for people: the photo, then one panel per generated word with its
+    attention map over the photo, the word written underneath. A PIL RGB image.
+
+    image: a path or PIL image; words: n strings; maps: (n, h, w) weights (each sums
+    to 1). Every map is scaled to its own maximum and upsampled to the panel with
+    bicubic filtering, so the regions it looked at stay bright and warm and the rest
+    of the photo is dimmed.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from .images import load_image
+
+    photo = load_image(image).resize((panel, panel), Image.Resampling.BICUBIC)
+    base = np.asarray(photo, dtype=np.float32) / 255.0
+    maps = np.asarray(maps, dtype=np.float32)
+    if len(words) != len(maps):
+        raise ValueError(f"{len(words)} words but {len(maps)} attention maps")
+    tiles = [(photo, "")]
+    for word, m in zip(words, maps):
+        heat = Image.fromarray(m / max(float(m.max()), 1e-12)).resize((panel, panel), Image.Resampling.BICUBIC)
+        w = np.clip(np.asarray(heat, dtype=np.float32), 0.0, 1.0)[:, :, None]
+        warm = np.stack([np.ones_like(w[..., 0]), w[..., 0] ** 0.5 * 0.85, w[..., 0] * 0.2], axis=2)
+        mixed = base * (0.25 + 0.75 * w) * (1 - 0.35 * w) + warm * 0.35 * w
+        tiles.append((Image.fromarray((np.clip(mixed, 0, 1) * 255).astype(np.uint8)), word))
+    label, gap = 22, 6
+    cols = min(columns, len(tiles))
+    rows = -(-len(tiles) // cols)
+    fig = Image.new("RGB", (cols * (panel + gap) + gap, rows * (panel + label + gap) + gap), "white")
+    draw = ImageDraw.Draw(fig)
+    for k, (tile, word) in enumerate(tiles):
+        x = gap + (k % cols) * (panel + gap)
+        y = gap + (k // cols) * (panel + label + gap)
+        fig.paste(tile, (x, y))
+        text = word if word else "photo"
+        tw = draw.textlength(text)
+        draw.text((x + (panel - tw) / 2, y + panel + 5), text, fill=(0, 0, 0) if word else (120, 120, 120))
+    return fig
 
 
 # ---- the loss curve ------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RnncapError
 
 
 class Captioner:
@@ -70,33 +70,63 @@ class Captioner:
                    decode=decode_config(ckpt.configs))
 
     def features(self, images):
-        """Encoder features (after PCA, if any) for a list of paths / PIL images:
-        (N, D) float32, exactly as ``rnncap features`` computes them."""
+        """Encoder features (after the feature transform, if any) for a list of paths /
+        PIL images: (N, D) float32, or (N, L, D) maps for an attention model, exactly
+        as ``rnncap features`` and ``rnncap train`` computed them."""
         from .features import apply_pca
         from .images import load_image
 
         feats = self.encoder.encode([load_image(im) for im in images])
         return apply_pca(feats, self.pca) if self.pca is not None else feats
 
+    @property
+    def attends(self):
+        """True for attention models: they can say where they looked for each word."""
+        return hasattr(self.model, "attention_dim")
+
+    def _decode(self, feats, beam, n, length_norm, max_length, attention):
+        """Per image, its ``n`` best hypotheses as (ids, logprob or None, attention
+        (len(ids), L) or None), best first: greedy for beam 1, else beam search."""
+        from .decoding import beam_search, greedy_decode
+
+        if attention and not self.attends:
+            raise ValueError("this checkpoint holds an h0 model: only attention models have "
+                             "attention maps")
+        L, banned = max_length or self.max_length, self.vocab.never_generated
+        if beam <= 1:
+            out = greedy_decode(self.model, feats, max_length=L, banned=banned, return_attention=attention)
+            ids, alphas = out if attention else (out, None)
+            return [[(row, None, None if alphas is None else alphas[i])] for i, row in enumerate(ids)]
+        return [[(h.ids, h.logprob, h.attention) for h in hyps] for hyps in beam_search(
+            self.model, feats, beam_size=beam, max_length=L, length_norm=length_norm, n_best=n,
+            banned=banned, return_attention=attention)]
+
+    def _attention_maps(self, ids, alphas):
+        """(n_words, side, side) float32: where each word of ``vocab.decode(ids)`` was
+        chosen from, on the encoder's square map (the <END> step left out)."""
+        words = len(self.vocab.decode(ids).split())
+        side = int(round(alphas.shape[1] ** 0.5))
+        return alphas[:words].reshape(words, side, side)
+
     def caption_features(self, features, beam=None, max_length=None, length_norm=None):
         """Captions (strings) for a batch of feature rows. beam: 1 = greedy; length_norm:
         beam search ranks by logprob / len ** length_norm (0 = by log-probability
         alone); None = this captioner's defaults (``decoding``)."""
-        from .decoding import beam_decode, greedy_decode
-
         beam, length_norm = self.decoding(beam, length_norm)
-        L = max_length or self.max_length
-        if beam <= 1:
-            ids = greedy_decode(self.model, features, max_length=L, banned=self.vocab.never_generated)
-        else:
-            ids = beam_decode(self.model, features, beam_size=beam, max_length=L,
-                              length_norm=length_norm, banned=self.vocab.never_generated)
-        return [self.vocab.decode(row) for row in ids]
+        best = self._decode(features, beam, 1, length_norm, max_length, attention=False)
+        return [self.vocab.decode(hyps[0][0]) for hyps in best]
 
-    def caption(self, image, beam=None, max_length=None, length_norm=None):
-        """The caption of one photo (a path or a PIL image)."""
-        return self.caption_features(self.features([image]), beam=beam, max_length=max_length,
-                                     length_norm=length_norm)[0]
+    def caption(self, image, beam=None, max_length=None, length_norm=None, return_attention=False):
+        """The caption of one photo (a path or a PIL image). ``return_attention``
+        (attention models): (caption, maps), maps (n_words, h, w) float32 giving for
+        each word of the caption the weights over the encoder's h x w map it was
+        chosen with (each sums to 1)."""
+        if not return_attention:
+            return self.caption_features(self.features([image]), beam=beam, max_length=max_length,
+                                         length_norm=length_norm)[0]
+        top = self.caption_details([image], beam=beam, max_length=max_length, length_norm=length_norm,
+                                   return_attention=True)[0][0]
+        return top["caption"], top["attention"]
 
     def caption_many(self, images, beam=None, max_length=None, batch_size=16, length_norm=None):
         out = []
@@ -105,31 +135,38 @@ class Captioner:
                                          max_length=max_length, length_norm=length_norm)
         return out
 
-    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None):
+    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
+                        return_attention=False):
         """The ``n`` best captions of each photo with their log-probabilities: a list
-        (per image) of lists of ``{"caption": str, "logprob": float}``, best first.
+        (per image) of lists of ``{"caption": str, "logprob": float}``, best first;
+        with ``return_attention`` (attention models) each also has "attention", the
+        (n_words, h, w) maps of ``caption()``.
 
         The first caption is ``caption()``'s for the same arguments: beam 1 is greedy
         decoding (log-probability from ``sequence_log_prob``), a wider beam gives its
         ``n`` best finished hypotheses. n cannot exceed the beam (a beam of width k
         holds k captions). ``logprob`` is the model's over the whole vocabulary.
         """
-        from .decoding import beam_search, greedy_decode, sequence_log_prob
+        from .decoding import sequence_log_prob
 
         beam, length_norm = self.decoding(beam, length_norm)
         if not 1 <= n <= max(beam, 1):
             raise ValueError(f"n must be between 1 and the beam size ({beam}), got {n}")
         feats = self.features(images)
-        L, banned = max_length or self.max_length, self.vocab.never_generated
+        best = self._decode(feats, beam, n, length_norm, max_length, return_attention)
         if beam <= 1:
-            ids = greedy_decode(self.model, feats, max_length=L, banned=banned)
-            best = [[(row, lp)] for row, lp in zip(ids, sequence_log_prob(self.model, feats, ids))]
-        else:
-            best = [[(h.ids, h.logprob) for h in hyps] for hyps in beam_search(
-                self.model, feats, beam_size=beam, max_length=L, length_norm=length_norm,
-                n_best=n, banned=banned)]
-        return [[{"caption": self.vocab.decode(ids), "logprob": float(lp)} for ids, lp in hyps]
-                for hyps in best]
+            lps = sequence_log_prob(self.model, feats, [hyps[0][0] for hyps in best])
+            best = [[(ids, lp, att)] for [(ids, _, att)], lp in zip(best, lps)]
+        out = []
+        for hyps in best:
+            entries = []
+            for ids, lp, att in hyps:
+                entry = {"caption": self.vocab.decode(ids), "logprob": float(lp)}
+                if return_attention:
+                    entry["attention"] = self._attention_maps(ids, att)
+                entries.append(entry)
+            out.append(entries)
+        return out
 
 
 def add_arguments(p):
@@ -145,6 +182,30 @@ def add_arguments(p):
     p.add_argument("--max-length", type=positive_int, help="most words per caption (default: from training)")
     p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
     p.add_argument("--json", action="store_true", help="print one JSON list of {photo, caption}")
+    p.add_argument("--attention", metavar="OUT.png",
+                   help="attention models: also draw the photo and each word's attention map over "
+                        "it into OUT.png (several photos: OUT-<photo name>.png)")
+
+
+def attention_paths(out, photos):
+    """Where ``--attention OUT.png`` writes each photo's figure."""
+    from pathlib import Path
+
+    out = Path(out)
+    if len(photos) == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{Path(p).stem}{out.suffix or '.png'}") for p in photos]
+
+
+def _write_attention_figure(cap, image, path, args):
+    """Caption ``image`` and draw its attention figure into ``path``; the caption."""
+    from .report import attention_figure
+
+    caption, maps = cap.caption(image, beam=args.beam, max_length=args.max_length,
+                                length_norm=args.length_norm, return_attention=True)
+    attention_figure(image, caption.split(), maps).save(path)
+    print(f"{path}: attention maps of \"{caption}\"", file=sys.stderr)
+    return caption
 
 
 def run(args):
@@ -152,6 +213,10 @@ def run(args):
     from .images import load_image
 
     cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
+    if args.attention and not cap.attends:
+        raise RnncapError(f"--attention: {args.checkpoint} holds an h0 model (the image is only its "
+                          f"initial state); attention maps need one trained with --model attention")
+    figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     for path in args.photos:
         try:
@@ -160,7 +225,11 @@ def run(args):
             print(f"rnncap caption: error: {e}", file=sys.stderr)
             failed += 1
             continue
-        caption = cap.caption(image, beam=args.beam, max_length=args.max_length, length_norm=args.length_norm)
+        if path in figures:
+            caption = _write_attention_figure(cap, image, figures[path], args)
+        else:
+            caption = cap.caption(image, beam=args.beam, max_length=args.max_length,
+                                  length_norm=args.length_norm)
         if args.json:
             results.append({"photo": path, "caption": caption})
         else:
