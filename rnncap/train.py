@@ -181,9 +181,13 @@ class Trainer:
             for k, v in metrics.items():
                 if k != "val_loss":
                     self.history.setdefault(k, []).append(v)
+            # Wall time of the epoch's updates and validation (of the part run in this
+            # process, for an epoch resumed midway).
+            seconds = time.perf_counter() - t0
+            self.history.setdefault("epoch_seconds", []).append(seconds)
             msg = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             self.log(f"epoch {self.epoch}/{cfg.epochs}: train loss {self.history['train_loss'][-1]:.4f}"
-                     + (f", {msg}" if msg else "") + f", lr {lr:.2e}")
+                     + (f", {msg}" if msg else "") + f", lr {lr:.2e}, {seconds:.0f} s")
             improved = self._is_better(metrics.get(self.select_key))
             if improved:
                 self.best = {"epoch": self.epoch, "iteration": self.iteration,

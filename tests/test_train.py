@@ -360,3 +360,5 @@ def test_step_stats_reach_the_history_and_the_log(tmp_path):
     assert header == "iteration,epoch,train_loss,train_reward"
     val_header = (tmp_path / "val_log.csv").read_text().splitlines()[0]
     assert "train_reward" not in val_header and "val_cider" in val_header
+    assert "epoch_seconds" in val_header and len(h["epoch_seconds"]) == 2
+    assert all(s > 0 for s in h["epoch_seconds"])
