@@ -42,7 +42,7 @@ def test_attention_model_loss_and_gradients_match_torch(reg):
     t_loss.backward()
     assert abs(loss - t_loss.item()) <= TOL * abs(loss)
 
-    H, A, W = m.hidden_dim, m.attention_dim, m.wordvec_dim
+    H, W = m.hidden_dim, m.wordvec_dim
     inv = torch.argsort(_gate_order(H))  # torch's gate rows back to rnncap's order
     g = lambda t: t.grad.detach().numpy()  # noqa: E731
     ih = g(tm.cell.weight_ih)[inv.numpy()].T

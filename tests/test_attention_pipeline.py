@@ -14,7 +14,7 @@ import pytest
 from rnncap.cli import main
 
 from conftest import FLICKR8K, FLICKR8K_FULLSIZE as FULLSIZE, write_flickr_subset
-from test_report import CHROMIUM, _chromium, needs_chromium
+from test_report import CHROMIUM, _chromium
 
 pytest.importorskip("torch")
 pytest.importorskip("h5py")
