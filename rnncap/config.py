@@ -23,7 +23,7 @@ class ModelConfig:
     dtype: str = "float32"
     input_dim: int = 0
     vocab_size: int = 0
-    attention_dim: int = 512
+    attention_dim: int = 256
     attention_reg: float = 1.0
 
 

@@ -566,11 +566,12 @@ def soft_attention_forward(q, proj, a, w):
     return (z.reshape(n, a.shape[2]), alpha.reshape(n, Lc)), (alpha, pre, a, w)
 
 
-def soft_attention_backward(dz, dalpha, cache):
+def soft_attention_backward(dz, dalpha, cache, need_da=True):
     """Backward of ``soft_attention_forward``. dz: (n, D); dalpha: (n, L) upstream
     gradient of the weights themselves (the regulariser's), or None.
 
-    Returns dq (n, A), dproj (M, L, A), da (M, L, D), dw (A,).
+    Returns dq (n, A), dproj (M, L, A), da (M, L, D), dw (A,). ``need_da=False``
+    leaves da out (None) for callers that form it later in one batched matmul.
     """
     alpha, pre, a, w = cache
     xp = get_array_module(dz, a)
@@ -589,8 +590,8 @@ def soft_attention_backward(dz, dalpha, cache):
     dt *= de[..., None]
     dt *= w
     dq = dt.sum(axis=2).reshape(M * k, -1)
-    dproj = dt.sum(axis=1)
-    da = alpha.transpose(0, 2, 1) @ dz3                      # (M, L, D)
+    dproj = dt[:, 0] if k == 1 else dt.sum(axis=1)
+    da = alpha.transpose(0, 2, 1) @ dz3 if need_da else None  # (M, L, D)
     return dq, dproj, da, dw.reshape(-1)
 
 
@@ -622,12 +623,13 @@ def _attention_cell_forward(xw, prev_h, prev_c, a, proj, Wz, Wh, bh, w):
     return next_h, next_c, alpha, (zg, z, beta, att, cell)
 
 
-def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz):
+def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz, need_da=True):
     """Backward of ``_attention_cell_forward`` up to its matmul inputs.
 
     Returns dgates (n, 4H) (the gradient of xw), dq (n, 4H + A + 1) (of h_{t-1} @ Wh
-    + bh), dprev_c (n, H), dproj (M, L, A), da (M, L, D) and dw (A,); the caller
-    turns dgates and dq into input and weight gradients (one GEMM each).
+    + bh), dprev_c (n, H), dproj (M, L, A), da (M, L, D) (None unless ``need_da``),
+    dw (A,) and dz (n, D), the gradient of the context; the caller turns dgates and
+    dq into input and weight gradients (one GEMM each).
     """
     zg, z, beta, att, cell = kcache
     xp = get_array_module(dnext_h, Wz)
@@ -636,9 +638,9 @@ def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz):
     dbeta = (dzg * z).sum(axis=1, keepdims=True)
     dbeta *= beta * (1.0 - beta)                             # through the sigmoid
     dzg *= beta                                              # now dz
-    dq_att, dproj, da, dw = soft_attention_backward(dzg, dalpha, att)
+    dq_att, dproj, da, dw = soft_attention_backward(dzg, dalpha, att, need_da)
     dq = xp.concatenate([dgates, dq_att, dbeta], axis=1)
-    return dgates, dq, dprev_c, dproj, da, dw
+    return dgates, dq, dprev_c, dproj, da, dw, dzg
 
 
 def attention_lstm_step_forward(x, prev_h, prev_c, a, proj, Wx, Wz, Wh, bh, w):
@@ -660,7 +662,7 @@ def attention_lstm_step_backward(dnext_h, dnext_c, dalpha, cache):
     Returns dx, dprev_h, dprev_c, da, dproj, dWx, dWz, dWh, dbh, dw.
     """
     x, prev_h, Wx, Wz, Wh, kc = cache
-    dgates, dq, dprev_c, dproj, da, dw = _attention_cell_backward(dnext_h, dnext_c, dalpha, kc, Wz)
+    dgates, dq, dprev_c, dproj, da, dw, _ = _attention_cell_backward(dnext_h, dnext_c, dalpha, kc, Wz)
     zg = kc[0]
     return (dgates @ Wx.T, dq @ Wh.T, dprev_c, da, dproj, x.T @ dgates, zg.T @ dgates,
             prev_h.T @ dq, dq.sum(axis=0), dw)
@@ -709,23 +711,23 @@ def attention_lstm_forward(x, a, proj, h0, c0, Wx, Wz, Wh, bh, w, lengths=None):
 def attention_lstm_backward(dh, dalpha, cache):
     """Backward of ``attention_lstm_forward``. dh: (N, T, H); dalpha: (N, T, L) or None.
 
-    The loop carries dh_{t-1} and dc_{t-1} and accumulates the image gradients; dx,
-    dWx, dWz, dWh and dbh are one GEMM each after it.
+    The loop carries dh_{t-1} and dc_{t-1} and accumulates dproj; dx, dWx, dWz, dWh,
+    dbh and da (sum_t alpha_t dz_t^T, a batched matmul over T) are formed after it.
     Returns dx (N, T, W), da (N, L, D), dproj (N, L, A), dh0 (N, H), dc0 (N, H),
     dWx, dWz, dWh, dbh, dw.
     """
     pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj_shape = cache
     xp = get_array_module(dh, Wx)
     N, T, H = dh.shape
-    Lc = a.shape[1]
-    dtype = hs_dtype = hprev.dtype
+    Lc, D = a.shape[1], a.shape[2]
+    dtype = hprev.dtype
     dhs = dh.reshape(N * T, H)[pk.idx]
-    dal = None if dalpha is None else dalpha.reshape(N * T, Lc)[pk.idx].astype(hs_dtype, copy=False)
+    dal = None if dalpha is None else dalpha.reshape(N * T, Lc)[pk.idx].astype(dtype, copy=False)
     P = dhs.shape[0]
     dgates_all = xp.empty((P, 4 * H), dtype=dtype)
     dq_all = xp.empty((P, Wh.shape[1]), dtype=dtype)
-    zgs = xp.empty((P, a.shape[2]), dtype=dtype)
-    da = xp.zeros(a.shape, dtype=dtype)
+    zgs, dzs = xp.empty((P, D), dtype=dtype), xp.empty((P, D), dtype=dtype)
+    alphas = xp.empty((P, Lc), dtype=dtype)
     dproj = xp.zeros(proj_shape, dtype=dtype)
     dw = xp.zeros(Wh.shape[1] - 4 * H - 1, dtype=dtype)
     dprev_h = xp.zeros((N, H), dtype=dtype)
@@ -735,11 +737,12 @@ def attention_lstm_backward(dh, dalpha, cache):
         off, n = pk.blocks[t]
         blk = slice(off, off + n)
         dh_t = dhs[blk] + dprev_h[:n]
-        dg, dq, dc_prev, dproj_t, da_t, dw_t = _attention_cell_backward(
-            dh_t, dc[:n], None if dal is None else dal[blk], kcaches[t], Wz)
-        dgates_all[blk], dq_all[blk], zgs[blk] = dg, dq, kcaches[t][0]
+        kc = kcaches[t]
+        dg, dq, dc_prev, dproj_t, _, dw_t, dz = _attention_cell_backward(
+            dh_t, dc[:n], None if dal is None else dal[blk], kc, Wz, need_da=False)
+        dgates_all[blk], dq_all[blk], zgs[blk], dzs[blk] = dg, dq, kc[0], dz
+        alphas[blk] = kc[3][0].reshape(n, Lc)
         dproj[:n] += dproj_t
-        da[:n] += da_t
         dw += dw_t
         xp.matmul(dq, WhT, out=dprev_h[:n])
         dc[:n] = dc_prev
@@ -749,8 +752,14 @@ def attention_lstm_backward(dh, dalpha, cache):
     dWz = zgs.T @ dgates_all
     dWh = hprev.T @ dq_all
     dbh = dq_all.sum(axis=0)
-    if pk.order is not None:  # back to the batch's order
+    # da_n = sum_t alpha_nt dz_nt^T: (N, L, T) @ (N, T, D), steps past the end zero.
+    alpha_full = (xp.empty if pk.full else xp.zeros)((N * T, Lc), dtype=dtype)
+    alpha_full[pk.idx] = alphas
+    dz_full = (xp.empty if pk.full else xp.zeros)((N * T, D), dtype=dtype)
+    dz_full[pk.idx] = dzs
+    da = alpha_full.reshape(N, T, Lc).transpose(0, 2, 1) @ dz_full.reshape(N, T, D)
+    if pk.order is not None:  # dproj, dh0 and dc0 back to the batch's order
         inv = xp.empty_like(pk.order)
         inv[pk.order] = xp.arange(N)
-        da, dproj, dprev_h, dc = da[inv], dproj[inv], dprev_h[inv], dc[inv]
+        dproj, dprev_h, dc = dproj[inv], dprev_h[inv], dc[inv]
     return dx.reshape(N, T, -1), da, dproj, dprev_h, dc, dWx, dWz, dWh, dbh, dw

@@ -563,6 +563,7 @@ def run(args):
             model = build_model(model_cfg, vocab, seed=train_cfg.seed)
         except ValueError as e:
             raise RnncapError(f"--model/--cell: {e}") from None
+    _check_feature_kind(model, train_feats, data_cfg.features)
     if train_cfg.device != "cpu":
         model.to(train_cfg.device)
 
@@ -693,6 +694,17 @@ def average_top_epochs(trainer, model, val_fn, checkpoint_fn, log=None):
         checkpoint_fn(os.path.join(trainer.out_dir, "best.npz"), trainer.state(), params=avg)
         checkpoint_fn(os.path.join(trainer.out_dir, "last.npz"), trainer.state())
     return score
+
+
+def _check_feature_kind(model, feats, path):
+    """The attention model reads spatial maps (n, L, D), the h0 model pooled vectors."""
+    attends = hasattr(model, "attention_dim")
+    if attends and feats.ndim != 3:
+        raise RnncapError(f"{path}: holds pooled features; --model attention needs spatial maps: "
+                          f"make them with `rnncap features --maps`")
+    if not attends and feats.ndim != 2:
+        raise RnncapError(f"{path}: holds spatial maps (from `rnncap features --maps`), which only "
+                          f"--model attention reads; pool them for --model h0 (`rnncap features` without --maps)")
 
 
 def dataset_vocab(dataset, data_cfg):

@@ -187,3 +187,15 @@ def test_h0_checkpoints_refuse_attention_maps(tmp_path, capsys):
                  "--attention", str(tmp_path / "a.png")]) != 0
     err = capsys.readouterr().err
     assert "attention" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.flickr8k
+def test_the_wrong_kind_of_features_is_one_clear_line(attention_run, flickr_subset, tmp_path, capsys):
+    data, maps, _ = attention_run
+    _, pooled = flickr_subset
+    for features, model in ((pooled, "attention"), (maps, "h0")):
+        code = main(["train", "--data", str(data), "--features", str(features), "--model", model,
+                     "--out", str(tmp_path / model), "--epochs", "1", "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and "Traceback" not in "\n".join(err)
+        assert str(features) in err[-1] and "--maps" in err[-1]
