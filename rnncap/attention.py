@@ -167,6 +167,12 @@ class AttentionCaptioningModel(CaptioningModel):
         only reorders within an image's rows)."""
         return state._replace(h=state.h[rows], c=state.c[rows], alpha=state.alpha[rows])
 
+    def likelihood_only(self):
+        """As ``CaptioningModel.likelihood_only``, without the attention penalty too."""
+        plain = super().likelihood_only()
+        plain.attention_reg = 0.0
+        return plain
+
     # -- (de)serialisation ---------------------------------------------------------------
 
     def config(self):

@@ -264,15 +264,13 @@ def perplexity(model, features, captions, image_idx=None, batch_size=256):
     ``exp(total NLL / number of predicted tokens)``: the NLL is summed over every
     position whose target is not <NULL> (the words and the <END>), through
     ``model.loss(..., train=False)`` (which averages over the batch, hence x batch size);
-    any label smoothing the model trains with is left out, so this is the true NLL.
+    label smoothing and any penalty the model trains with are left out
+    (``model.likelihood_only()``), so this is the true NLL.
     """
-    import copy
-
     captions = np.asarray(captions)
     if captions.ndim != 2 or captions.shape[1] < 2:
         raise ValueError(f"captions must be (M, T+1) with T >= 1, got shape {captions.shape}")
-    plain = copy.copy(model)  # shares the parameters; only the loss option differs
-    plain.label_smoothing = 0.0
+    plain = model.likelihood_only()
     M = captions.shape[0]
     total, tokens = 0.0, 0
     for start in range(0, M, batch_size):

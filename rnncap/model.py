@@ -283,6 +283,15 @@ class CaptioningModel:
 
         return greedy_decode(self, features, max_length=max_length)
 
+    def likelihood_only(self):
+        """A copy sharing the parameters whose ``loss`` is the plain negative
+        log-likelihood: no label smoothing (for perplexity)."""
+        import copy
+
+        plain = copy.copy(self)
+        plain.label_smoothing = 0.0
+        return plain
+
     # -- (de)serialisation helpers ----------------------------------------------------
 
     @classmethod

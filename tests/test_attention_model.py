@@ -218,3 +218,14 @@ def test_memorises_fifty_captions():
         np.testing.assert_array_equal(sampled[i, :n + 1], caps[i, 1:n + 2], err_msg=f"caption {i}")
     print(f"\nattention: loss {history[0]:.2f} -> {history[-1]:.3f} in {len(history)} iterations, "
           f"{time.perf_counter() - start:.1f} s")
+
+
+def test_perplexity_leaves_the_penalty_and_smoothing_out():
+    from rnncap.metrics import perplexity
+
+    maps, caps = small_maps()
+    with_terms = small_attention_model(attention_reg=1.0, label_smoothing=0.2)
+    plain = small_attention_model(attention_reg=0.0)
+    assert with_terms.loss(maps, caps, train=False)[0] != plain.loss(maps, caps, train=False)[0]
+    assert perplexity(with_terms, maps, caps) == pytest.approx(perplexity(plain, maps, caps), rel=1e-12)
+    assert with_terms.attention_reg == 1.0 and with_terms.label_smoothing == 0.2  # untouched
