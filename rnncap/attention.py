@@ -124,14 +124,11 @@ class AttentionCaptioningModel(CaptioningModel):
 
         return h, penalty, backward
 
-    def _check_inputs(self, features, captions):
+    def _check_features(self, features):
         if features.ndim != 3 or features.shape[2] != self.input_dim or features.shape[1] < 1:
             raise ValueError(f"features must be spatial maps (N, L, {self.input_dim}); got shape "
                              f"{tuple(features.shape)} (make them with `rnncap features --maps`, "
                              f"with the encoder and PCA the model was trained on)")
-        if captions.ndim != 2 or captions.shape[0] != features.shape[0] or captions.shape[1] < 2:
-            raise ValueError(f"captions must be (N, T+1) with N={features.shape[0]} and T >= 1; "
-                             f"got shape {tuple(captions.shape)}")
 
     # -- decoding ----------------------------------------------------------------------
 

@@ -210,13 +210,16 @@ class CaptioningModel:
         return xp.where(mask.any(axis=1), T - mask[:, ::-1].argmax(axis=1), 0)
 
     def _check_inputs(self, features, captions):
+        self._check_features(features)
+        if captions.ndim != 2 or captions.shape[0] != features.shape[0] or captions.shape[1] < 2:
+            raise ValueError(f"captions must be (N, T+1) with N={features.shape[0]} and T >= 1; "
+                             f"got shape {tuple(captions.shape)}")
+
+    def _check_features(self, features):
         if features.ndim != 2 or features.shape[1] != self.input_dim:
             raise ValueError(f"features must be (N, {self.input_dim}); got shape "
                              f"{tuple(features.shape)} (was the model trained on another "
                              f"encoder or PCA size?)")
-        if captions.ndim != 2 or captions.shape[0] != features.shape[0] or captions.shape[1] < 2:
-            raise ValueError(f"captions must be (N, T+1) with N={features.shape[0]} and T >= 1; "
-                             f"got shape {tuple(captions.shape)}")
 
     # -- decoding --------------------------------------------------------------------
 
