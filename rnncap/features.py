@@ -381,6 +381,11 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--workers", type=positive_int, default=2, help="image-decoding threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="read and encode on Ray Data: a local cluster, or join the one at ADDRESS "
+                        "(needs the extra: pip install 'rnncap[ray]'; see docs/scaling.md)")
+    p.add_argument("--ray-actors", type=positive_int, metavar="N",
+                   help="with --ray: N encoder actors (default: 1 up to the cluster's CPUs)")
 
 
 def run(args):
@@ -408,9 +413,14 @@ def run(args):
     pooling = {None: "mean", "head": "map", "block": "block-map"}[args.maps]
     encoder = get_encoder(args.encoder, weights=args.weights, device=args.device, pooling=pooling)
     start = time.perf_counter()
-    done = extract_features(items, encoder, args.out, batch_size=args.batch_size, progress=not args.quiet,
-                            pca_dim=args.pca, workers=args.workers, dataset=args.data,
-                            whiten=args.pca_whiten)
+    if args.ray:
+        from .ray_features import run_from_args
+
+        done = run_from_args(args, items, encoder, pooling)
+    else:
+        done = extract_features(items, encoder, args.out, batch_size=args.batch_size,
+                                progress=not args.quiet, pca_dim=args.pca, workers=args.workers,
+                                dataset=args.data, whiten=args.pca_whiten)
     secs = time.perf_counter() - start
     n = sum(done.values())
     rate = f", {n / secs:.1f} images/s" if n else ""
