@@ -10,12 +10,14 @@ A checkpoint holds everything needed to caption a new photo or to resume trainin
   model constructor arguments, the config dataclasses, the vocabulary, the encoder's
   identity, training counters and RNG states, and the loss history.
 
-It is read with ``numpy.load(allow_pickle=False)``, so a file that carries a pickle
-payload is refused before anything in it runs. Writes are atomic (temporary file,
-fsync, rename): a crash mid-save leaves the previous checkpoint intact.
+Each member is read as an .npy array of plain numbers, its header checked first and
+``allow_pickle=False``, so a file that carries a pickle payload is refused before
+anything in it runs. Writes are atomic (temporary file, fsync, rename): a crash
+mid-save leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -178,7 +180,12 @@ def load_checkpoint(path, device="cpu"):
 
 
 def _read_archive(path):
-    """All arrays of the npz plus the decoded JSON header, with clear errors."""
+    """All arrays of the npz plus the decoded JSON header, with clear errors.
+
+    Every zip member is read on its own rather than through ``np.load``, whose NpzFile
+    hands back the raw bytes of any member that is not an .npy array (random bytes, a
+    zip inside the zip, a bare pickle), which then failed later as a traceback.
+    """
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -186,19 +193,23 @@ def _read_archive(path):
         raise CheckpointError(f"{path}: cannot read ({e.strerror})")
     if magic != b"PK\x03\x04":
         raise CheckpointError(f"{path}: not an rnncap checkpoint (not an .npz archive)")
+    arrays = {}
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise CheckpointError(f"{path}: refusing to load: the file contains pickled "
-                                  f"objects, which rnncap never writes")
-        raise CheckpointError(f"{path}: corrupt checkpoint ({e})")
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename
+                key = name[:-len(".npy")] if name.endswith(".npy") else name
+                arrays[key] = _read_entry(path, z, info)
+                if key.startswith("opt/") and len(key.split("/")) < 3:
+                    raise CheckpointError(f"{path}: entry {name!r} is not named opt/<parameter>/<key>")
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})")
     raw = arrays.pop("__meta__", None)
-    if raw is None or raw.dtype != np.uint8 or raw.ndim != 1:
+    if raw is None:
         raise CheckpointError(f"{path}: not an rnncap checkpoint (no metadata)")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise CheckpointError(f"{path}: entry '__meta__.npy' is not the JSON header (a 1-D uint8 "
+                              f"array) but {raw.dtype} of shape {raw.shape}")
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -206,3 +217,47 @@ def _read_archive(path):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: damaged checkpoint header (not a JSON object)")
     return arrays, meta
+
+
+# What a member holds when it is not .npy data, by its first bytes.
+_NOT_NPY = ((b"PK\x03\x04", "a zip archive, not .npy data"), (b"\x80", "pickled data, not .npy data"))
+
+
+def _read_entry(path, z, info):
+    """One member as a numeric array, or a CheckpointError naming the file and the entry.
+
+    Only plain numbers are arrays rnncap writes (bool, integer, float; no objects, so
+    no pickle, no strings, records or complex numbers), and the data must be exactly as
+    long as the .npy header says. The header is checked before the array is built, so a
+    pickle is refused without being read and a forged shape cannot ask for terabytes.
+    """
+    where = f"{path}: entry {info.filename!r}"
+    if not info.filename.endswith(".npy"):
+        raise CheckpointError(f"{where} is not an .npy array (an .npz holds only .npy members)")
+    fmt, raw = np.lib.format, b""
+    try:
+        raw = z.read(info)
+        f = io.BytesIO(raw)
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version[0]}.{version[1]}")
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if dtype.hasobject:
+            raise CheckpointError(f"{where}: refusing to load: it holds pickled objects, which "
+                                  f"rnncap never writes")
+        size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+            problem = f"dtype {dtype}, not numbers"
+        elif len(raw) - f.tell() != size:
+            problem = f"truncated or padded: {len(raw) - f.tell()} bytes of data, its header says {size}"
+        else:
+            return fmt.read_array(io.BytesIO(raw), allow_pickle=False)
+    except CheckpointError:
+        raise
+    except Exception as e:  # anything wrong in an untrusted member is the file's fault: one line
+        problem = next((what for head, what in _NOT_NPY if raw.startswith(head)), None)
+        if problem is None and raw and not raw.startswith(fmt.MAGIC_PREFIX):
+            problem = "no .npy header"
+        problem = problem or f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    raise CheckpointError(f"{where} is not a valid array ({problem})")
