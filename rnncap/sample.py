@@ -182,6 +182,8 @@ def add_arguments(p):
     p.add_argument("--max-length", type=positive_int, help="most words per caption (default: from training)")
     p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
     p.add_argument("--json", action="store_true", help="print one JSON list of {photo, caption}")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="photos encoded and decoded together (default %(default)s)")
     p.add_argument("--attention", metavar="OUT.png",
                    help="attention models: also draw the photo and each word's attention map over "
                         "it into OUT.png (several photos: OUT-<photo name>.png)")
@@ -218,22 +220,31 @@ def run(args):
                           f"initial state); attention maps need one trained with --model attention")
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
-    for path in args.photos:
-        try:
-            image = load_image(path)
-        except DataError as e:  # one bad photo should not cost the others their captions
-            print(f"rnncap caption: error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        if path in figures:
-            caption = _write_attention_figure(cap, image, figures[path], args)
-        else:
-            caption = cap.caption(image, beam=args.beam, max_length=args.max_length,
-                                  length_norm=args.length_norm)
-        if args.json:
-            results.append({"photo": path, "caption": caption})
-        else:
-            print(f"{path}\t{caption}", flush=True)
+    # Photos are read one by one, so that a bad one costs only its own caption, then
+    # encoded and decoded --batch-size at a time; the output keeps the arguments' order.
+    for start in range(0, len(args.photos), args.batch_size):
+        batch = args.photos[start:start + args.batch_size]
+        images = []
+        for path in batch:
+            try:
+                images.append(load_image(path))
+            except DataError as e:
+                images.append(e)
+        plain = [i for i, (path, im) in enumerate(zip(batch, images))
+                 if not isinstance(im, DataError) and path not in figures]
+        captions = dict(zip(plain, cap.caption_many(
+            [images[i] for i in plain], beam=args.beam, max_length=args.max_length,
+            batch_size=args.batch_size, length_norm=args.length_norm)))
+        for i, (path, image) in enumerate(zip(batch, images)):
+            if isinstance(image, DataError):
+                print(f"rnncap caption: error: {image}", file=sys.stderr)
+                failed += 1
+                continue
+            caption = captions[i] if i in captions else _write_attention_figure(cap, image, figures[path], args)
+            if args.json:
+                results.append({"photo": path, "caption": caption})
+            else:
+                print(f"{path}\t{caption}", flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
     return 1 if failed else 0
