@@ -33,6 +33,7 @@ import numpy as np
 from .errors import RnncapError
 
 BASELINES = ("mean", "greedy")
+SAMPLE_GROUP = 16  # images whose captions one generator draws; groups run side by side
 
 
 def reward_references(references, end_token):
@@ -58,6 +59,11 @@ class ScstObjective:
 
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
     ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
+
+    Sampling runs on several cores: the batch is cut into fixed groups of
+    ``SAMPLE_GROUP`` images, each drawn by its own generator seeded from ``rng``, side
+    by side on threads (NumPy releases the GIL in its loops). The groups depend on the
+    batch only, so the captions drawn do not depend on the machine's thread count.
     """
 
     def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None):
@@ -71,6 +77,7 @@ class ScstObjective:
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self._words = np.asarray(vocab.idx_to_word, dtype=object)
         self._stats = {}
+        self._pool = None
 
     @property
     def params(self):
@@ -86,13 +93,13 @@ class ScstObjective:
     def loss(self, features, images, train=True):
         """(loss, grads) of the policy gradient on N images (see the class docstring).
         ``train`` is accepted for the contract; the loss never uses dropout."""
-        from .decoding import greedy_decode, sample_decode
+        from .decoding import greedy_decode
 
         model, K = self.model, self.samples
         images = np.asarray(images, dtype=np.int64).reshape(-1)
         xp = model.xp
         repeated = xp.repeat(xp.asarray(features), K, axis=0)  # rows n*K .. n*K+K-1: image n
-        ids = sample_decode(model, repeated, max_length=self.max_length, rng=self.rng)
+        ids = self.draw(repeated)
         lengths = self.lengths(ids)
         ref_rows = np.repeat(images, K)
         rewards = self.scorer.score(self.tokens(ids, lengths), ref_rows).reshape(-1, K)
@@ -118,6 +125,28 @@ class ScstObjective:
         if self.baseline == "greedy":
             self._stats["greedy_reward"] = float(base.mean())
         return loss, grads
+
+    def draw(self, repeated):
+        """(N*K, max_length) ids drawn from the model's softmax for the repeated
+        features (rows n*K .. n*K+K-1 of image n), laid out like ``sample_decode``'s."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .decoding import sample_decode
+
+        rows = SAMPLE_GROUP * self.samples
+        groups = [slice(a, a + rows) for a in range(0, len(repeated), rows)]
+        seeds = self.rng.integers(2 ** 63, size=len(groups))
+
+        def one(group, seed):
+            return sample_decode(self.model, repeated[group], max_length=self.max_length,
+                                 rng=np.random.default_rng(seed))
+
+        if len(groups) == 1:
+            return one(groups[0], seeds[0])
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8)),
+                                            thread_name_prefix="rnncap-scst")
+        return np.concatenate(list(self._pool.map(one, groups, seeds)))
 
     def lengths(self, ids):
         """(N,) words of each decoded caption, its <END> included (all of the row

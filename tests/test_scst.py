@@ -7,29 +7,8 @@ import numpy as np
 import pytest
 
 from gradcheck import check_gradients
-from rnncap.model import CaptioningModel
-
-NULL, START, END = 0, 1, 2
-
-
-def small_model(cell, dtype=np.float64, seed=0, jitter=0.1, **kw):
-    """V=11, D=6, W=4, H=5, every parameter moved off its initialisation."""
-    m = CaptioningModel(11, 6, 4, 5, cell_type=cell, dtype=dtype, seed=seed, **kw)
-    r = np.random.default_rng(seed + 100)
-    for k, v in m.params.items():
-        m.params[k] = (v + jitter * r.standard_normal(v.shape)).astype(dtype)
-    return m
-
-
-def small_batch(seed=1, N=4, T=5, V=11, D=6):
-    r = np.random.default_rng(seed)
-    feats = r.standard_normal((N, D))
-    caps = np.full((N, T + 1), NULL, dtype=np.int64)
-    caps[:, 0] = START
-    for i, n in enumerate([T - 1, 1] + list(r.integers(1, T, size=N - 2))):
-        caps[i, 1:n + 1] = r.integers(3, V, size=n)
-        caps[i, n + 1] = END
-    return feats, caps
+from test_model import END, NULL, START, small_batch, small_model
+from test_robustness import trained  # noqa: F401  (a fixture: a tiny dataset and a cross-entropy run)
 
 
 # ---- token weights in the model loss ------------------------------------------------
@@ -54,7 +33,7 @@ def test_token_weights_scale_each_position(cell):
     decoders' own ``sequence_log_prob`` (through ``step``, another code path)."""
     from rnncap.decoding import sequence_log_prob
 
-    feats, caps = small_batch()
+    feats, caps = small_batch(N=4)
     m = small_model(cell)
     length = (caps[:, 1:] != NULL).sum(axis=1)
     scale = np.array([0.5, -2.0, 1.5, 3.0])
@@ -70,7 +49,7 @@ def test_token_weight_gradients(cell, dropout):
     """Signed weights, a zero weight on a real word and a nonzero weight on a <NULL>
     target (sampled captions may say <NULL>): every parameter against centred
     differences."""
-    feats, caps = small_batch()
+    feats, caps = small_batch(N=4)
     m = small_model(cell, dropout=dropout)
     w = np.random.default_rng(5).standard_normal(caps[:, 1:].shape)
     w[0, 1] = 0.0
@@ -140,12 +119,8 @@ def objective_for(model, scorer, **kw):
 
 def redraw(objective, features, state):
     """The captions the objective drew from the generator ``state``: the same draw again."""
-    from rnncap.decoding import sample_decode
-
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state
-    return sample_decode(objective.model, np.repeat(features, objective.samples, axis=0),
-                         max_length=objective.max_length, rng=rng)
+    objective.rng.bit_generator.state = state
+    return objective.draw(np.repeat(features, objective.samples, axis=0))
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
@@ -268,25 +243,11 @@ def test_objective_arguments_are_checked():
 # ---- the stage through `rnncap train --scst` ------------------------------------------
 
 @pytest.fixture()
-def xe_checkpoint(tmp_path):
-    """A tiny dataset (9 train, 3 val images), its features and a cross-entropy run."""
-    pytest.importorskip("h5py")
-    pytest.importorskip("PIL")
-    from test_features import TinyEncoder
-    from test_robustness import _dataset
-
-    from rnncap.cli import main
-    from rnncap.features import extract_features
-
-    data, ids, paths = _dataset(tmp_path)
-    feats = tmp_path / "f.h5"
-    extract_features({"train": (ids[:9], paths[:9]), "val": (ids[9:], paths[9:])}, TinyEncoder(), feats,
-                     progress=False)
-    out = tmp_path / "xe"
-    assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out), "--hidden", "8",
-                 "--wordvec", "4", "--epochs", "2", "--batch-size", "8", "--length-norm", "0.3",
-                 "--quiet"]) == 0
-    return tmp_path, out / "best.npz"
+def xe_checkpoint(trained):
+    """A tiny dataset (9 train, 3 val images), its features and a cross-entropy run
+    (test_robustness's ``trained``)."""
+    tmp, _, _, out = trained
+    return tmp, out / "best.npz"
 
 
 def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
@@ -296,7 +257,8 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
     from rnncap.cli import main
 
     tmp, init = xe_checkpoint
-    common = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--samples", "3", "--quiet"]
+    common = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--samples", "3", "--beam", "2",
+              "--quiet"]
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "a"), *common]) == 0
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "b"), *common,
                  "--max-iters", "2"]) == 0
@@ -313,9 +275,10 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
 
     train = a.configs["train"]
     assert train["stage"] == "scst" and train["init"] == str(init) and train["samples"] == 3
-    assert a.configs["decode"]["length_norm"] == 0.3  # the decoding defaults of --init
-    best = load_checkpoint(tmp / "a" / "best.npz").train_state["best"]
     start = load_checkpoint(init)
+    # decoding defaults: --beam as given, the length normalisation of --init
+    assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
+    best = load_checkpoint(tmp / "a" / "best.npz").train_state["best"]
     assert best["val_cider"] >= 0 and "epoch" in best
     assert start.configs["train"]["stage"] == "xe"
 
@@ -349,3 +312,22 @@ def test_scst_command_errors_are_one_line(argv, needle, capsys):
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_the_draw_does_not_depend_on_the_thread_count():
+    """Groups of SAMPLE_GROUP images, each from its own generator: one worker thread or
+    several, the same captions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rnncap.scst import SAMPLE_GROUP
+
+    m = small_model("lstm", jitter=0.5)
+    feats = np.random.default_rng(0).standard_normal((2 * SAMPLE_GROUP + 3, 6))
+    scorer, _ = tiny_scorer(tiny_vocab(), 2)
+    a, b = objective_for(m, scorer, samples=2), objective_for(m, scorer, samples=2)
+    b._pool = ThreadPoolExecutor(1)
+    rep = np.repeat(feats, 2, axis=0)
+    ids_a, ids_b = a.draw(rep), b.draw(rep)
+    assert ids_a.shape == (len(rep), 6) and np.array_equal(ids_a, ids_b)
+    assert len({tuple(r) for r in ids_a}) > len(rep) // 2  # draws, not one caption repeated
+    assert a.rng.bit_generator.state == b.rng.bit_generator.state
