@@ -241,6 +241,10 @@ BAD_REQUESTS = {
     "over the limit, no Content-Length": (dict(content=_chunks(MB + 64 * 1024),
                                                headers={"content-type": "multipart/form-data; boundary=xyz"}),
                                           413, "over the limit"),
+    "over the limit, Content-Length lies": (dict(content=b"".join(_chunks(MB + 64 * 1024)),
+                                                 headers={"content-type": "multipart/form-data; boundary=xyz",
+                                                          "content-length": "100"}),
+                                            413, "over the limit"),
     "not multipart": (dict(content=b"\x89PNG...", headers={"content-type": "image/png"}), 415, "multipart/form-data"),
     "no boundary": (dict(content=b"abc", headers={"content-type": "multipart/form-data"}), 400, "multipart"),
     "text instead of a file": (dict(files=[("x", ("x", b"x"))], data={"image": "a photo"}), 400, "must carry files"),
@@ -405,6 +409,17 @@ def test_load_no_errors_and_the_same_captions(server, photos):
     assert all(r["captions"] == [single[r["payload"]]] for r in records)
     assert all(r["retry_after_ok"] for r in records)
     assert proc.poll() is None
+
+
+def test_real_server_counts_the_body_it_reads(server, photos):
+    """Over a real socket: a chunked upload past the 10 MB default (no Content-Length
+    to trust) gets its 413, and the next request its caption."""
+    _, url, _, _ = server
+    r = httpx.post(url + "api/caption", content=_chunks(11 * MB),
+                   headers={"content-type": "multipart/form-data; boundary=xyz"}, timeout=60)
+    assert r.status_code == 413 and "10 MB" in r.json()["error"]
+    r = httpx.post(url + "api/caption", files={"image": (photos[0].name, photos[0].read_bytes())}, timeout=60)
+    assert r.status_code == 200
 
 
 @pytest.mark.slow
