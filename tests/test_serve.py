@@ -322,6 +322,33 @@ def test_attention_weights_are_passed_through_per_word(photos):
             assert np.unravel_index(grid.argmax(), grid.shape) == (i % FakeCaptioner.h, i % FakeCaptioner.w)
 
 
+def test_a_real_attention_checkpoint_gives_the_maps_of_caption(tmp_path, photos):
+    """An (untrained) attention model through the real Captioner: each caption carries
+    one 7 x 7 map per word, the maps of Captioner.caption(return_attention=True)."""
+    from rnncap.attention import AttentionCaptioningModel
+    from rnncap.checkpoint import save_checkpoint
+    from rnncap.encoders import get_encoder
+    from rnncap.sample import Captioner
+    from rnncap.vocab import Vocab
+
+    vocab = Vocab.build(["a red box on a green mat", "two blue balls"])
+    enc = get_encoder(pooling="map")
+    model = AttentionCaptioningModel(len(vocab), enc.feature_dim, 8, 16, attention_dim=8, seed=1)
+    path = tmp_path / "attention.npz"
+    save_checkpoint(path, model, vocab, encoder=enc.identity(),
+                    configs={"model": {"model": "attention", "cell_type": "lstm"}, "data": {"max_length": 6}})
+    cap = Captioner.from_checkpoint(path)
+    c = TestClient(create_app(cap, info=describe_checkpoint(path)))
+    assert c.get("/api/model").json()["attention"] is True
+    r = upload(c, (photos[0].name, photos[0].read_bytes()), query="?n=2")
+    assert r.status_code == 200, r.text
+    caps = r.json()["photos"][0]["captions"]
+    caption, maps = cap.caption(str(photos[0]), return_attention=True)
+    assert caps[0]["caption"] == caption and len(caps[0]["words"]) > 0
+    np.testing.assert_allclose(np.array(caps[0]["attention"]), maps, atol=1e-4)
+    assert all(np.array(x["attention"]).shape == (len(x["words"]), 7, 7) for x in caps)
+
+
 def test_beyond_capacity_503_with_retry_after_then_serving_again(photos):
     hold = threading.Event()
     fake = FakeCaptioner(hold)
