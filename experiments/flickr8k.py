@@ -1,29 +1,36 @@
 """Flickr8k for real: rnncap's captioners against a PyTorch twin, scored on val.
 
     .venv/bin/python experiments/flickr8k.py --out runs/flickr8k            # the main run
+    .venv/bin/python experiments/flickr8k.py --out runs/flickr8k --runs lstm,lstm-scst --seeds 0,1
     .venv/bin/python experiments/flickr8k.py --out runs/flickr8k --runs all --seeds 0,1
     .venv/bin/python experiments/flickr8k.py --out runs/quick --quick       # a few minutes
 
-Steps, each reusing what an earlier invocation left in --out:
+The recipe is the product's: the rnncap runs are ``rnncap train`` (and ``rnncap train
+--scst``) with their default settings, called through ``rnncap.cli.main``; only the
+parity check's "twin" recipe, given by the issue, is spelled out here, as flags of the
+same command. Steps, each reusing what an earlier invocation left in --out:
 
-1. features: the recipe's pretrained encoder (1280-d pooled) over the train (6,000) and
-   val (1,000) images, cached in OUT/features-ENCODER.h5 (resumable);
-2. a vocabulary of the train words seen at least 5 times;
-3. for every requested run and seed, training with the run's recipe, keeping the
-   epoch with the best val CIDEr (greedy captions, all 5 references);
-4. the kept model's val captions with greedy, beam-3 and beam-5 decoding, scored with
-   the COCO caption toolkit (BLEU, METEOR, ROUGE-L, CIDEr) against all 5 references;
-5. OUT/results.json and OUT/results.md: every finished run's numbers side by side,
+1. features: the pretrained encoder (1280-d pooled) over the train (6,000) and val
+   (1,000) images, cached in OUT/features-ENCODER.h5 (resumable);
+2. for every requested run and seed, training into OUT/<run>-s<seed>/ (``rnncap train``
+   keeps the epoch with the best val CIDEr-D, averages the best epochs when val says
+   so, and records its decoding defaults); a run whose training finished is not
+   trained again;
+3. the kept model's val captions with greedy, beam-3 and beam-5 decoding (beam search
+   with the checkpoint's length normalisation), scored by ``rnncap.evaluate``'s
+   ``evaluate_split`` with the COCO caption toolkit against all 5 references;
+4. OUT/results.json and OUT/results.md: every finished run's numbers side by side,
    and example captions of randomly drawn val images (the seed is printed).
 
-A run whose OUT/<run>-s<seed>/metrics.json exists is not trained again (--force
-retrains). Only train and val are used; the test split is never touched, and every
-choice (recipe, epoch, averaging) is made on val.
+A run whose OUT/<run>-s<seed>/metrics.json exists is not scored again (--force
+retrains and rescores). Only train and val are used; the test split is never touched,
+and every choice is made on val.
 
 The runs:
-  lstm             rnncap LSTM, the tuned recipe (RECIPES["tuned"])
-  rnn              rnncap vanilla RNN, the tuned recipe
-  lstm-twin-recipe rnncap LSTM, the twin's recipe (the parity check)
+  lstm             ``rnncap train`` with its defaults (an h0 LSTM)
+  rnn              the same with --cell rnn
+  lstm-scst        ``rnncap train --scst --init OUT/lstm-s<seed>/best.npz`` (defaults)
+  lstm-twin-recipe ``rnncap train`` with the twin's recipe (the parity check)
   torch-twin       the PyTorch twin (experiments/torch_twin.py), the twin's recipe
   torch-twin-same-init  the same, started from rnncap's initial weights for the seed
 """
@@ -43,25 +50,22 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flickr8k"
+DEFAULT_ENCODER = "efficientnet-lite0"
 DECODE_MAX = 20          # words a decoded caption may have (with <END>)
 EXAMPLE_SEED = 8         # which val images results.md shows
 
-RECIPES = {
-    # Given by the issue, not tuned: the PyTorch twin's recipe.
-    "twin": dict(wordvec=512, hidden=512, dropout=0.5, label_smoothing=0.0, lr=3e-3,
-                 lr_decay=0.8, batch_size=128, clip=5.0, epochs=15, max_length=16,
-                 normalise=False, average=0, encoder="efficientnet-lite0", length_norm=0.0),
-    # Ours; each departure from "twin" is kept only because val said so (docs/results.md).
-    "tuned": dict(wordvec=512, hidden=512, dropout=0.5, label_smoothing=0.1, lr=3e-3,
-                  lr_decay=0.8, batch_size=128, clip=5.0, epochs=8, max_length=16,
-                  normalise=True, average=3, encoder="efficientnet-lite0", length_norm=0.5),
-}
-RUNS = {  # name: (implementation, recipe, cell)
-    "lstm": ("rnncap", "tuned", "lstm"),
-    "rnn": ("rnncap", "tuned", "rnn"),
-    "lstm-twin-recipe": ("rnncap", "twin", "lstm"),
-    "torch-twin": ("torch", "twin", "lstm"),
-    "torch-twin-same-init": ("torch-rnncap-init", "twin", "lstm"),
+# Given by the issue, not tuned: the PyTorch twin's recipe. rnncap's own recipe is
+# `rnncap train`'s defaults (rnncap.config), so no run here names one.
+TWIN_RECIPE = dict(wordvec=512, hidden=512, dropout=0.5, label_smoothing=0.0, lr=3e-3,
+                   lr_decay=0.8, batch_size=128, clip=5.0, epochs=15, max_length=16,
+                   standardize=False, average=0, length_norm=0.0)
+RUNS = {  # name: (implementation, cell)
+    "lstm": ("rnncap", "lstm"),
+    "rnn": ("rnncap", "rnn"),
+    "lstm-scst": ("rnncap-scst", "lstm"),
+    "lstm-twin-recipe": ("rnncap-twin-recipe", "lstm"),
+    "torch-twin": ("torch", "lstm"),
+    "torch-twin-same-init": ("torch-rnncap-init", "lstm"),
 }
 DECODERS = (("greedy", 1), ("beam3", 3), ("beam5", 5))
 
@@ -73,7 +77,9 @@ def log(msg):
 # ---- data -----------------------------------------------------------------------------
 
 class Data:
-    """Flickr8k train/val: references, features (raw encoder output) and the vocabulary."""
+    """Flickr8k train/val: the dataset file the commands read, references, features
+    (raw encoder output) and the vocabulary (for the PyTorch twin; ``rnncap train``
+    builds the same one from the same train captions)."""
 
     def __init__(self, args):
         from rnncap.datasets import load_dataset
@@ -87,11 +93,26 @@ class Data:
                 s.image_ids, s.image_paths, s.references = (
                     s.image_ids[:n], s.image_paths[:n], s.references[:n])
             self.splits[name] = s
-        self.args, self.feature_seconds, self._features_of = args, {}, {}
+        self.args, self.feature_seconds, self._features_of, self.cache = args, {}, {}, {}
         refs = [c for caps in self.splits["train"].references for c in caps]
-        self.vocab = Vocab.build(refs, min_count=args.min_count)
+        self.vocab = Vocab.build(refs, min_count=5)
         self.references = {i: r for i, r in zip(self.splits["val"].image_ids,
                                                   self.splits["val"].references)}
+        self.captions_file = self._captions_file()
+
+    def _captions_file(self):
+        """The dataset file for the commands: the dataset itself, or, for a slice, a
+        caption list of exactly these images in OUT."""
+        if not (self.args.train_images or self.args.val_images):
+            return str(self.args.data)
+        wanted = {n: set(s.image_ids) for n, s in self.splits.items()}
+        src = json.loads(Path(self.dataset.source).read_text())
+        images = [r for r in src["images"] if r.get("split") in wanted and r["file"] in wanted[r["split"]]]
+        root = Path(self.dataset.source).parent / src.get("image_dir", "")
+        path = Path(self.args.out) / f"captions-{len(self.splits['train'])}-{len(self.splits['val'])}.json"
+        path.write_text(json.dumps({"name": f"{src.get('name', 'flickr8k')}-slice", "image_dir": str(root),
+                                    "images": images}))
+        return str(path)
 
     def features(self, encoder):
         """({split: raw (N, D) features}, encoder identity) of ``encoder``, extracted
@@ -138,6 +159,7 @@ class Data:
         identity = read_identity(path)
         if identity.get("name") != encoder:
             raise DataError(f"{path}: holds {identity.get('name')} features, not {encoder}")
+        self.cache[encoder] = path
         return out, identity
 
     def encoded(self, name, max_length):
@@ -158,162 +180,206 @@ def _complete(path, feature_info, sizes):
     return all(n in info and info[n] == (k, k) for n, k in sizes.items())
 
 
-# ---- normalisation --------------------------------------------------------------------
-
-def standardiser(train_features):
-    """Per-dimension mean and spread of the train features. The floor on the spread
-    keeps near-constant dimensions (ReLU6 units that rarely fire) from being blown up."""
-    mean = train_features.mean(axis=0)
-    std = train_features.std(axis=0)
-    return mean.astype(np.float32), np.maximum(std, 0.1 * np.median(std)).astype(np.float32)
-
-
-def fold_standardiser(model, mean, std):
-    """A copy of ``model`` that takes raw features: the standardisation moves into
-    W_proj and b_proj, so the saved checkpoint needs no extra preprocessing."""
-    out = copy.copy(model)
-    p = dict(model.params)
-    W = p["W_proj"] / std[:, None]
-    p["b_proj"] = (p["b_proj"] - mean @ W).astype(model.dtype)
-    p["W_proj"] = W.astype(model.dtype)
-    out.params = p
-    return out
-
-
 # ---- scoring --------------------------------------------------------------------------
 
-def score(model, data, features, beam=1, meteor=True, perplexity=False, length_norm=0.0):
+def score(model, vocab, data, features, beam=1, meteor=True, perplexity=False, length_norm=0.0):
     """Val captions of one decoder scored by ``rnncap.evaluate.evaluate_split`` (the
     code behind ``rnncap evaluate``): COCO metrics, diversity and, when asked, the
     perplexity of the reference captions. Returns (summary, {image_id: caption})."""
+    from rnncap.datasets import encode_split
     from rnncap.evaluate import evaluate_split
 
     val = data.splits["val"]
-    caps, idx = data.encoded("val", DECODE_MAX) if perplexity else (None, None)
-    summary, per_image, _ = evaluate_split(model, data.vocab, features, val.references, val.image_ids,
+    caps, idx = encode_split(val, vocab, DECODE_MAX)[:2] if perplexity else (None, None)
+    summary, per_image, _ = evaluate_split(model, vocab, features, val.references, val.image_ids,
                                            beam=beam, max_length=DECODE_MAX, length_norm=length_norm,
                                            captions=caps, image_idx=idx, meteor=meteor)
     return summary, {i: p["beam"] for i, p in per_image.items()}
 
 
 def val_fn_for(data, features):
-    """Greedy val BLEU-4 and CIDEr after every epoch: what selects the epoch."""
+    """Greedy val BLEU-4 and CIDEr after every epoch of the PyTorch twin: what selects
+    its epoch (``rnncap train`` selects on its own NumPy CIDEr-D of greedy captions)."""
 
     def val_fn(model):
-        summary, _ = score(model, data, features, beam=1, meteor=False)
+        summary, _ = score(model, data.vocab, data, features, beam=1, meteor=False)
         return {"val_bleu4": summary["BLEU-4"], "val_cider": summary["CIDEr"]}
 
     return val_fn
 
 
+def model_path(run_dir):
+    """The run's kept model: ``rnncap train``'s best.npz, or the twin's model.npz."""
+    best = Path(run_dir) / "best.npz"
+    return best if best.is_file() else Path(run_dir) / "model.npz"
+
+
+def val_features(ckpt, data):
+    """The val features a checkpoint takes: raw encoder output through the checkpoint's
+    own feature transform (PCA, standardisation), as ``rnncap evaluate`` feeds them."""
+    from rnncap.features import apply_pca
+
+    raw = data.features(ckpt.encoder["name"])[0]["val"]
+    return np.asarray(apply_pca(raw, ckpt.pca) if ckpt.pca is not None else raw, dtype=np.float32)
+
+
 # ---- one run --------------------------------------------------------------------------
 
 def run_one(name, seed, data, args):
-    impl, recipe_name, cell = RUNS[name]
-    r = dict(RECIPES[recipe_name])
-    for key in ("epochs", "hidden", "wordvec", "batch_size", "encoder"):
-        if getattr(args, key):
-            r[key] = getattr(args, key)
+    impl, cell = RUNS[name]
     out_dir = Path(args.out) / f"{name}-s{seed}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    caps_tr, idx_tr = data.encoded("train", r["max_length"])
-    caps_va, idx_va = data.encoded("val", r["max_length"])
-    feats, encoder = data.features(r["encoder"])
-    if r["normalise"]:
-        mean, std = standardiser(feats["train"])
-        feats = {k: (v - mean) / std for k, v in feats.items()}
-    log(f"{out_dir.name}: {impl} {cell}, recipe {recipe_name} {r}")
-    val_fn = val_fn_for(data, feats["val"])
+    encoder = args.encoder or DEFAULT_ENCODER
+    feats, identity = data.features(encoder)
+    recipe = dict(TWIN_RECIPE) if impl in ("rnncap-twin-recipe", "torch", "torch-rnncap-init") else None
+    log(f"{out_dir.name}: {impl} {cell}" + (f", twin recipe {recipe}" if recipe else ", rnncap train's defaults"))
 
     t0 = time.perf_counter()
     if impl.startswith("torch"):
-        model, history, untrained = _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn,
-                                                same_init=impl == "torch-rnncap-init")
+        model, vocab, history, untrained = _train_twin(recipe, seed, data, feats, args,
+                                                       same_init=impl == "torch-rnncap-init")
         chosen = {"epoch": max(history, key=lambda h: h["val_cider"])["epoch"], "averaged": 0}
+        length_norm = recipe["length_norm"]
+        _save_model(out_dir / "model.npz", model, data, identity, recipe, cell, seed)
+        val_feats = feats["val"]
+        train_seconds = time.perf_counter() - t0
     else:
-        model, history, untrained, chosen = _train_rnncap(r, cell, seed, data, feats, caps_tr, idx_tr,
-                                                          caps_va, idx_va, val_fn, out_dir)
-    train_seconds = time.perf_counter() - t0
+        trained_now = _train_rnncap(impl, cell, recipe, seed, data, args, out_dir)
+        train_seconds = time.perf_counter() - t0 if trained_now else None
+        model, vocab, history, untrained, chosen, length_norm, val_feats, seconds = _read_rnncap(
+            out_dir, data, seed, impl)
+        train_seconds = train_seconds or seconds
 
     t0 = time.perf_counter()
     metrics, captions = {}, {}
     for dec, beam in DECODERS:
         if dec not in args.decoder_list:
             continue
-        metrics[dec], captions[dec] = score(model, data, feats["val"], beam=beam, meteor=args.meteor,
+        metrics[dec], captions[dec] = score(model, vocab, data, val_feats, beam=beam, meteor=args.meteor,
                                             perplexity=(dec == "greedy"),
-                                            length_norm=r["length_norm"] if beam > 1 else 0.0)
+                                            length_norm=length_norm if beam > 1 else 0.0)
         log(f"{out_dir.name} {dec}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in metrics[dec].items() if isinstance(v, float)))
     eval_seconds = time.perf_counter() - t0
 
-    if r["normalise"]:
-        model = fold_standardiser(model, mean, std)
-    _save_model(out_dir / "model.npz", model, data, encoder, r, cell, seed)
     result = {"run": name, "seed": seed, "implementation": impl, "cell": cell,
-              "recipe_name": recipe_name, "recipe": r, "chosen": chosen,
+              "recipe_name": "twin" if recipe else "rnncap train defaults", "recipe": recipe,
+              "length_norm": length_norm, "encoder": encoder, "chosen": chosen,
               "untrained_val_cider": untrained, "history": history, "metrics": metrics,
               "train_seconds": train_seconds, "eval_seconds": eval_seconds,
               "train_images": len(data.splits["train"]), "val_images": len(data.splits["val"]),
-              "vocab_size": len(data.vocab)}
+              "vocab_size": len(vocab)}
     (out_dir / "captions.json").write_text(json.dumps(captions, indent=0))
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     return result
 
 
-def _train_rnncap(r, cell, seed, data, feats, caps_tr, idx_tr, caps_va, idx_va, val_fn, out_dir):
-    from rnncap.config import TrainConfig
-    from rnncap.model import CaptioningModel
-    from rnncap.train import Trainer
-
-    model = CaptioningModel(len(data.vocab), feats["train"].shape[1], r["wordvec"], r["hidden"],
-                            cell_type=cell, seed=seed, dropout=r["dropout"],
-                            label_smoothing=r["label_smoothing"])
-    untrained = val_fn(model)["val_cider"]
-    snapshots = {}
-
-    def val_fn_keeping(m):
-        snapshots[len(snapshots) + 1] = {k: v.copy() for k, v in m.params.items()}
-        return val_fn(m)
-
-    cfg = TrainConfig(optimizer="adam", lr=r["lr"], lr_decay=r["lr_decay"], clip_norm=r["clip"],
-                      batch_size=r["batch_size"], epochs=r["epochs"], seed=seed)
-    null = data.vocab.null_id
-    trainer = Trainer(model, (feats["train"], caps_tr, idx_tr), cfg, val=(feats["val"], caps_va, idx_va),
-                      out_dir=None, count_fn=lambda y: int((y[:, 1:] != null).sum()), unit="tok",
-                      val_fn=val_fn_keeping, select=("val_cider", "max"), progress=False, log=log)
-    trainer.fit()
-    h = trainer.history
-    history = [{"epoch": e + 1, "val_loss": h["val_loss"][e], "val_bleu4": h["val_bleu4"][e],
-                "val_cider": h["val_cider"][e],
-                "train_loss": float(np.mean([l for l, ep in zip(h["train_loss"], h["epoch"])
-                                             if e < ep <= e + 1]))}
-               for e in range(len(h["val_cider"]))]
-    best = trainer.best["epoch"]
-    model.params = snapshots[best]
-    chosen = {"epoch": best, "averaged": 0, "val_cider": trainer.best["val_cider"]}
-    if r["average"] > 1:
-        # Average the parameters of the k epochs with the best val CIDEr; keep the
-        # average only if val says it is better than the best epoch alone.
-        top = sorted(snapshots, key=lambda e: -history[e - 1]["val_cider"])[:r["average"]]
-        avg = copy.copy(model)
-        avg.params = {k: np.mean([snapshots[e][k] for e in top], axis=0).astype(model.dtype)
-                      for k in model.params}
-        cider = val_fn(avg)["val_cider"]
-        log(f"{out_dir.name}: average of epochs {sorted(top)}: val CIDEr {cider:.4f} "
-            f"(best epoch {best}: {chosen['val_cider']:.4f})")
-        chosen["average_of"], chosen["average_val_cider"] = sorted(top), cider
-        if cider > chosen["val_cider"]:
-            model, chosen["averaged"] = avg, len(top)
-    return model, history, untrained, chosen
+def _command_overrides(args, scst=False):
+    """The experiment's --epochs/--hidden/--wordvec/--batch-size as flags of `rnncap
+    train` (for --scst, only --epochs: its batches count images)."""
+    keys = ("epochs",) if scst else ("epochs", "hidden", "wordvec", "batch_size")
+    flags = []
+    for key in keys:
+        if getattr(args, key):
+            flags += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return flags
 
 
-def _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn, same_init=False):
+def _twin_flags(r):
+    """The twin recipe as flags of `rnncap train`."""
+    return ["--wordvec", str(r["wordvec"]), "--hidden", str(r["hidden"]), "--dropout", str(r["dropout"]),
+            "--label-smoothing", str(r["label_smoothing"]), "--lr", str(r["lr"]),
+            "--lr-decay", str(r["lr_decay"]), "--batch-size", str(r["batch_size"]), "--clip", str(r["clip"]),
+            "--epochs", str(r["epochs"]), "--max-length", str(r["max_length"]),
+            "--standardize" if r["standardize"] else "--no-standardize", "--average", str(r["average"]),
+            "--length-norm", str(r["length_norm"])]
+
+
+def _finished(out_dir):
+    """Whether `rnncap train` finished in out_dir (its last.npz has all its epochs)."""
+    from rnncap.checkpoint import load_checkpoint
+
+    last = Path(out_dir) / "last.npz"
+    if not (last.is_file() and (Path(out_dir) / "best.npz").is_file()):
+        return False
+    ck = load_checkpoint(last)
+    return int(ck.train_state.get("epoch", 0)) >= int(ck.configs["train"]["epochs"])
+
+
+def _train_rnncap(impl, cell, recipe, seed, data, args, out_dir):
+    """`rnncap train` (or `--scst`) into out_dir, unless it already finished there (or,
+    stopped midway, continued with --resume). Returns whether it trained now."""
+    from rnncap.cli import main as rnncap
+
+    if _finished(out_dir) and not args.force:
+        log(f"{out_dir.name}: training already finished, kept (--force retrains)")
+        return False
+    if impl == "rnncap-scst":
+        init = Path(args.out) / f"lstm-s{seed}" / "best.npz"
+        if not _finished(init.parent):
+            run_one("lstm", seed, data, args)
+        argv = ["train", "--scst", "--init", str(init), *_command_overrides(args, scst=True)]
+    else:
+        argv = ["train", "--data", data.captions_file, "--cell", cell, "--no-pca",
+                *(_twin_flags(recipe) if recipe else []), *_command_overrides(args)]
+    data.features(args.encoder or DEFAULT_ENCODER)  # extracted (or found) before training
+    argv += ["--features", str(data.cache[args.encoder or DEFAULT_ENCODER]), "--out", str(out_dir),
+             "--seed", str(seed), "--quiet"]
+    if (out_dir / "last.npz").is_file() and not args.force:  # stopped midway: continue it
+        argv = ["train", "--resume", str(out_dir / "last.npz"), "--quiet"]
+    log(f"{out_dir.name}: rnncap " + " ".join(argv))
+    if rnncap(argv) != 0:
+        raise SystemExit(f"{out_dir.name}: rnncap train failed")
+    return True
+
+
+def _read_rnncap(out_dir, data, seed, impl):
+    """What a finished `rnncap train` run left: the kept model, its vocabulary, the
+    per-epoch history, the starting model's greedy val CIDEr (the untrained model, or
+    for SCST the cross-entropy model it started from), the kept epoch, the decoding
+    length normalisation, the val features and the training seconds it recorded."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.config import ModelConfig, decode_config, from_dict
+    from rnncap.model import build_model
+
+    best = load_checkpoint(out_dir / "best.npz")
+    last = load_checkpoint(out_dir / "last.npz")
+    feats = val_features(best, data)
+    if impl == "rnncap-scst":
+        start = load_checkpoint(best.configs["train"]["init"]).model
+    else:
+        start = build_model(from_dict(ModelConfig, best.configs["model"]), best.vocab, seed=seed)
+    untrained = score(start, best.vocab, data, feats, beam=1, meteor=False)[0]["CIDEr"]
+    h = last.history
+    history = []
+    for e in range(len(h.get("val_cider", []))):
+        rec = {"epoch": e + 1, "val_loss": (h.get("val_loss") or [None] * (e + 1))[e],
+               "val_cider": h["val_cider"][e]}
+        for key in ("train_loss", "train_reward"):
+            vals = [v for v, ep in zip(h.get(key, []), h["epoch"]) if e < ep <= e + 1]
+            if vals:
+                rec[key] = float(np.mean(vals))
+        history.append(rec)
+    b = last.train_state.get("best") or {}
+    chosen = {"epoch": b.get("epoch"), "averaged": len(b.get("averaged") or []),
+              "average_of": b.get("averaged"), "val_cider": b.get("val_cider")}
+    seconds = sum(h["epoch_seconds"]) if h.get("epoch_seconds") else None
+    return (best.model, best.vocab, history, untrained, chosen, decode_config(best.configs).length_norm,
+            feats, seconds)
+
+
+def _train_twin(r, seed, data, feats, args, same_init=False):
     sys.path.insert(0, str(HERE))
     from torch_twin import build_twin, load_rnncap, to_rnncap, train_twin
 
     from rnncap.model import CaptioningModel
 
+    r = dict(r)
+    for key in ("epochs", "hidden", "wordvec", "batch_size"):
+        if getattr(args, key):
+            r[key] = getattr(args, key)
+    caps_tr, idx_tr = data.encoded("train", r["max_length"])
+    val_fn = val_fn_for(data, feats["val"])
     twin = build_twin(len(data.vocab), feats["train"].shape[1], r["wordvec"], r["hidden"],
                       dropout=r["dropout"], null_id=data.vocab.null_id,
                       label_smoothing=r["label_smoothing"], seed=seed)
@@ -324,37 +390,39 @@ def _train_twin(r, seed, data, feats, caps_tr, idx_tr, val_fn, same_init=False):
     history = train_twin(twin, (feats["train"], caps_tr, idx_tr), lr=r["lr"], lr_decay=r["lr_decay"],
                          batch_size=r["batch_size"], clip=r["clip"], epochs=r["epochs"], seed=seed,
                          val_fn=val_fn, log=log)
-    return to_rnncap(twin), history, untrained
+    return to_rnncap(twin), data.vocab, history, untrained
 
 
 def _save_model(path, model, data, encoder, r, cell, seed):
     from rnncap.checkpoint import save_checkpoint
-    from rnncap.config import DataConfig, ModelConfig, TrainConfig, to_dict
+    from rnncap.config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, to_dict
 
     configs = {
         "data": to_dict(DataConfig(captions=str(data.dataset.source), max_length=r["max_length"],
-                                   min_count=5)),
+                                   min_count=5, standardize=False)),
         "model": to_dict(ModelConfig(cell_type=cell, wordvec_dim=r["wordvec"], hidden_dim=r["hidden"],
                                      dropout=r["dropout"], label_smoothing=r["label_smoothing"],
                                      input_dim=model.input_dim, vocab_size=model.vocab_size)),
         "train": to_dict(TrainConfig(lr=r["lr"], lr_decay=r["lr_decay"], clip_norm=r["clip"],
-                                     batch_size=r["batch_size"], epochs=r["epochs"], seed=seed)),
+                                     batch_size=r["batch_size"], epochs=r["epochs"], seed=seed,
+                                     average=r["average"])),
+        "decode": to_dict(DecodeConfig(beam_size=3, length_norm=r["length_norm"])),
     }
     save_checkpoint(str(path), model, data.vocab, encoder=encoder, configs=configs)
 
 
 def sweep_length_norm(run_dir, data, norms):
-    """Val metrics (METEOR left out) of a finished run's saved model with beam 3 and 5 at
+    """Val metrics (METEOR left out) of a finished run's kept model with beam 3 and 5 at
     each length normalisation (``beam_search``'s ranking logprob / len ** norm), into
-    RUN/length_norm.json. The saved model takes raw features (see fold_standardiser)."""
+    RUN/length_norm.json."""
     from rnncap.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(run_dir / "model.npz")
-    features = data.features(ckpt.encoder["name"])[0]["val"]
+    ckpt = load_checkpoint(model_path(run_dir))
+    features = val_features(ckpt, data)
     rows = []
     for beam in (3, 5):
         for norm in norms:
-            m, _ = score(ckpt.model, data, features, beam=beam, meteor=False, length_norm=norm)
+            m, _ = score(ckpt.model, ckpt.vocab, data, features, beam=beam, meteor=False, length_norm=norm)
             rows.append({"beam": beam, "length_norm": norm,
                          **{k: v for k, v in m.items() if isinstance(v, float)}})
             log(f"{run_dir.name} beam {beam}, length norm {norm}: BLEU-4 {m['BLEU-4']:.3f}, "
@@ -386,8 +454,8 @@ def markdown(results, data):
         for dec, m in r["metrics"].items():
             kept = str(r["chosen"]["epoch"]) + (f" (avg {r['chosen']['average_of']})"
                                                 if r["chosen"].get("averaged") else "")
-            enc = r["recipe"].get("encoder", "efficientnet-lite0").replace("efficientnet-", "")
-            norm = r["recipe"].get("length_norm", 0.0)
+            enc = r.get("encoder", DEFAULT_ENCODER).replace("efficientnet-", "")
+            norm = r.get("length_norm", 0.0)
             dec = f"{dec}, length norm {norm:g}" if dec != "greedy" and norm else dec
             lines.append(f"| {r['run']} | {r['seed']} | {enc} | {dec} | "
                          + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" if k != "perplexity"
@@ -405,7 +473,9 @@ def markdown(results, data):
     lines += ["", "Per-epoch val (greedy):", ""]
     for r in results:
         lines.append(f"- {r['run']} s{r['seed']} (untrained CIDEr {r['untrained_val_cider']:.3f}): "
-                     + ", ".join(f"{h['epoch']}: B4 {h['val_bleu4']:.3f} C {h['val_cider']:.3f}"
+                     + ", ".join(f"{h['epoch']}: " + (f"B4 {h['val_bleu4']:.3f} " if "val_bleu4" in h else "")
+                                 + f"C {h['val_cider']:.3f}"
+                                 + (f" reward {h['train_reward']:.3f}" if "train_reward" in h else "")
                                  for h in r["history"]))
     lines += ["", f"Examples: val images drawn with numpy.random.default_rng({EXAMPLE_SEED}).", ""]
     lines += examples(results, data)
@@ -457,9 +527,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/flickr8k", help="output folder (default %(default)s)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder (default %(default)s)")
-    p.add_argument("--features", help="feature cache (default OUT/features-ENCODER.h5); "
-                   "only when the runs asked for use one encoder")
-    p.add_argument("--encoder", help="override every recipe's encoder (rnncap.encoders.ENCODERS)")
+    p.add_argument("--features", help="feature cache of the encoder (default OUT/features-ENCODER.h5)")
+    p.add_argument("--encoder", help=f"the encoder (rnncap.encoders.ENCODERS; default {DEFAULT_ENCODER})")
     p.add_argument("--runs", default="lstm",
                    help=f"comma-separated runs from {', '.join(RUNS)}, or 'all' (default %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default %(default)s)")
@@ -467,11 +536,11 @@ def parse_args(argv=None):
                    help="a smoke run: 500 train and 100 val images, 2 epochs")
     p.add_argument("--train-images", type=int, default=0, help="use only the first N train images")
     p.add_argument("--val-images", type=int, default=0, help="use only the first N val images")
-    p.add_argument("--epochs", type=int, default=0, help="override every recipe's epochs")
-    p.add_argument("--hidden", type=int, default=0, help="override every recipe's hidden size")
-    p.add_argument("--wordvec", type=int, default=0, help="override every recipe's word-vector size")
-    p.add_argument("--batch-size", type=int, default=0, help="override every recipe's batch size")
-    p.add_argument("--min-count", type=int, default=5, help="vocabulary: min count in train")
+    p.add_argument("--epochs", type=int, default=0, help="override every run's epochs")
+    p.add_argument("--hidden", type=int, default=0, help="override every run's hidden size")
+    p.add_argument("--wordvec", type=int, default=0, help="override every run's word-vector size")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="override every run's batch size (captions; not the SCST stage's)")
     p.add_argument("--decoders", default=",".join(d for d, _ in DECODERS),
                    help="decoders to score the kept model with (default %(default)s)")
     p.add_argument("--no-meteor", dest="meteor", action="store_false",
@@ -496,10 +565,6 @@ def parse_args(argv=None):
 
     if args.encoder and args.encoder not in ENCODERS:
         p.error(f"--encoder: choose from {', '.join(ENCODERS)}")
-    encoders = {args.encoder or RECIPES[RUNS[r][1]]["encoder"] for r in runs}
-    if args.features and len(encoders) > 1:
-        p.error(f"--features: the runs asked for use {len(encoders)} encoders ({', '.join(sorted(encoders))}); "
-                f"leave --features out so each gets OUT/features-ENCODER.h5")
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     from rnncap.cli import nonneg_float  # the check `rnncap caption --length-norm` uses
 
