@@ -30,7 +30,7 @@ How it is fast: tokens become integer ids through one dict; an n-gram of order k
 the integer pair (id of its first k-1 words, id of its last word), packed into one
 int64 and numbered by its rank in the sorted table of the corpus's n-grams (exact: no
 hashing, no collisions; n-grams the corpus lacks get fresh ids, unique within a call).
-Each sentence set is then an inverted index, one entry per distinct (n-gram, sentence)
+Each batch of sentences is then an inverted index, one entry per distinct (n-gram, sentence)
 sorted by n-gram, so a candidate's n-gram finds the references of its image that hold it
 with two ``np.searchsorted`` calls. Counting, document frequencies, norms and the
 clipped dot products are sorts, run lengths and ``np.bincount`` over flat arrays: no
@@ -38,7 +38,8 @@ Python work per n-gram, only per token (the dict lookup) and per call.
 """
 from __future__ import annotations
 
-from itertools import chain
+from collections import defaultdict
+from itertools import chain, count
 
 import numpy as np
 
@@ -65,10 +66,11 @@ def cider_d(candidates, references, sigma=SIGMA):
         raise DataError(f"{len(candidates)} candidates but {len(references)} reference sets")
     if len(candidates) == 0:
         raise DataError("no captions to score")
-    # The candidates go through the constructor's one pass over the references.
+    # The candidates go through the constructor's one pass over the references: they
+    # are the sentences after the references in its index.
     scorer = CiderD(references, sigma=sigma, _candidates=candidates)
-    ids = np.arange(len(references))
-    scores = scorer._scores(scorer._extra, scorer._refs, *scorer._ref_runs(ids))
+    refs = scorer._refs
+    scores = scorer._scores(refs, scorer._n_refs, refs, *scorer._ref_runs(np.arange(len(references))))
     return float(scores.mean()), scores
 
 
@@ -103,25 +105,25 @@ class CiderD:
         sizes = np.array([len(refs) for refs in sets], dtype=np.int64)
         self._set_start = np.cumsum(sizes) - sizes
         self._set_size = sizes
-        # _candidates (cider_d's) share the pass; their n-grams enter the tables with df 0.
-        n_refs = len(sentences)
-        every = _Bag(*self._ngrams(sentences + list(_candidates), build=True))
-        is_ref = every.sent < n_refs
-        self._refs = every.subset(is_ref, 0, n_refs)
-        self._extra = every.subset(~is_ref, n_refs, len(every.length) - n_refs)
+        # _candidates (cider_d's) share the pass, as sentences after the references;
+        # their n-grams enter the tables with df 0.
+        self._n_refs = len(sentences)
+        self._refs = _Bag(*self._ngrams(sentences + list(_candidates), build=True))
 
         # Document frequency: in how many reference sets each n-gram occurs. All orders
         # share one array (order k from _offset[k]), plus a spare cell with df 0.
         self._offset = np.cumsum(self._sizes) - self._sizes
-        cell = self._offset[self._refs.order] + self._refs.gid
-        doc = np.repeat(np.arange(self.n_sets, dtype=np.int64), sizes)[self._refs.sent]
+        cells = cell = self._cells(self._refs)
+        sent = self._refs.sent
+        if len(_candidates):
+            cell, sent = cell[sent < self._n_refs], sent[sent < self._n_refs]
+        doc = np.repeat(np.arange(self.n_sets, dtype=np.int64), sizes)[sent]
         # Entries run by n-gram, then sentence, so by (n-gram, set): count the set changes.
         first = np.ones(len(cell), dtype=bool)
         first[1:] = (cell[1:] != cell[:-1]) | (doc[1:] != doc[:-1])
         self._df = np.bincount(cell[first], minlength=int(self._sizes.sum()) + 1).astype(np.float64)
         self._idf = self.log_n - np.log(np.maximum(1.0, self._df))
-        self._weigh(self._refs)
-        self._weigh(self._extra)
+        self._weigh(self._refs, cells)
 
     def __len__(self):
         return self.n_sets
@@ -144,7 +146,7 @@ class CiderD:
                 raise DataError(f"{len(candidates)} candidates but {len(ref_ids)} reference ids")
             if len(ref_ids) and (ref_ids.min() < 0 or ref_ids.max() >= self.n_sets):
                 raise IndexError(f"reference ids must lie in 0..{self.n_sets - 1}")
-            return self._scores(self._bag(candidates), self._refs, *self._ref_runs(ref_ids))
+            return self._scores(self._bag(candidates), 0, self._refs, *self._ref_runs(ref_ids))
         sets = [list(r) for r in references]
         if len(sets) != len(candidates):
             raise DataError(f"{len(candidates)} candidates but {len(sets)} reference sets")
@@ -155,25 +157,28 @@ class CiderD:
         # get the same fresh ids on both sides.
         n = len(candidates)
         bag = self._bag(list(candidates) + [ref for refs in sets for ref in refs])
-        cands = bag.subset(bag.sent < n, 0, n)
-        self._weigh(cands)
         counts = np.array([len(r) for r in sets], dtype=np.int64)
-        return self._scores(cands, bag, n + np.cumsum(counts) - counts, counts, corpus_refs=False)
+        return self._scores(bag, 0, bag, n + np.cumsum(counts) - counts, counts, corpus_refs=False)
 
     def _ref_runs(self, ref_ids):
         """Where the references of each of the given corpus sets lie in ``self._refs``."""
         return self._set_start[ref_ids], self._set_size[ref_ids]
 
-    def _scores(self, cands, refs, starts, counts, corpus_refs=True):
-        """Candidate i (sentence i of ``cands``) against sentences starts[i] ..
+    def _scores(self, cands, first, refs, starts, counts, corpus_refs=True):
+        """Candidate i (sentence first + i of ``cands``) against sentences starts[i] ..
         starts[i] + counts[i] - 1 of ``refs``: (n,) CIDEr-D. corpus_refs: refs are
         corpus references, so a candidate n-gram with df 0 matches none."""
         if len(counts) == 0:
             return np.zeros(0)
-        # Only entries that can add to a dot product: weight > 0 (idf is 0 when every
-        # reference set has the n-gram) and, against the corpus, an n-gram it has.
-        useful = (cands.w > 0) & cands.in_corpus if corpus_refs else cands.w > 0
-        val = _clipped_cosines(cands, refs, np.flatnonzero(useful), starts, counts, self.sigma)
+        # Only entries that can add to a dot product: the candidates' with weight > 0
+        # (idf is 0 when every reference set has the n-gram) and, against the corpus,
+        # of an n-gram it has.
+        useful = cands.w > 0
+        if corpus_refs:
+            useful &= cands.in_corpus
+        if first or len(cands.length) > len(counts):
+            useful &= (cands.sent >= first) & (cands.sent < first + len(counts))
+        val = _clipped_cosines(cands, first, refs, np.flatnonzero(useful), starts, counts, self.sigma)
         # Mean over orders and references, x 10.
         pair_cand = np.repeat(np.arange(len(counts)), counts)
         total = np.bincount(pair_cand, val.sum(axis=1), minlength=len(counts))
@@ -186,13 +191,25 @@ class CiderD:
         self._weigh(bag)
         return bag
 
-    def _weigh(self, bag):
-        """tf-idf values and norms; ids beyond the tables were never seen in the corpus
-        (df 0, idf log N)."""
-        known = bag.gid < self._sizes[bag.order]
-        cell = np.where(known, self._offset[bag.order] + bag.gid, len(self._idf) - 1)
-        bag.in_corpus = self._df[cell] > 0  # the spare cell has df 0
-        bag.weigh(np.where(known, self._idf[cell], self.log_n))
+    def _cells(self, bag):
+        """Each entry's cell in the df/idf arrays: order k's n-gram g at _offset[k] + g;
+        fresh ids (never seen in the corpus) at the spare last cell, which has df 0."""
+        cell = np.empty(len(bag.key), dtype=np.int64)
+        spare = int(self._sizes.sum())
+        starts = np.searchsorted(bag.key, np.arange(N_ORDERS) << (_ID_BITS + _SENT_BITS))
+        for k, (lo, hi) in enumerate(zip(starts, [*starts[1:], len(cell)])):
+            gid = bag.gid[lo:hi]  # entries are sorted by order: one run each
+            cell[lo:hi] = self._offset[k] + gid
+            fresh = gid >= self._sizes[k]
+            if fresh.any():
+                cell[lo:hi][fresh] = spare
+        return cell
+
+    def _weigh(self, bag, cell=None):
+        """tf-idf values and norms (the spare cell's idf is log N)."""
+        cell = self._cells(bag) if cell is None else cell
+        bag.in_corpus = self._df[cell] > 0
+        bag.weigh(self._idf[cell])
 
     def _ngrams(self, sentences, build=False):
         """Entries (distinct n-gram, sentence) of the sentences: sorted keys (see _ID_BITS)
@@ -200,16 +217,15 @@ class CiderD:
         bigrams, words - 1: the same length differences whenever both captions have a
         word, and an empty caption scores 0 whatever its penalty). build=True fills the
         tables (constructor only)."""
-        for s in sentences:
-            if isinstance(s, str):
-                raise TypeError("captions must be token lists, not strings (split them first)")
+        if str in set(map(type, sentences)):
+            raise TypeError("captions must be token lists, not strings (split them first)")
         lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
         tok = self._tokens(list(chain.from_iterable(sentences)), build)
         owner = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
         left = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(tok)) - 1  # words after
         keys, tfs, prefix = [], [], tok
         for k in range(N_ORDERS):
-            pos = np.flatnonzero(left >= k)         # where a (k+1)-gram starts
+            pos = np.flatnonzero(left >= k) if k else np.arange(len(tok))  # (k+1)-gram starts
             if not len(pos):
                 break
             last = tok[pos + k]
@@ -220,11 +236,11 @@ class CiderD:
                 by_key, group, table = _sorted_groups(key)
                 if k:
                     self._tables[k], self._sizes[k] = table, len(table)
-                ids = np.empty_like(group)
-                ids[by_key] = group
-                key, tf = _runs((k << _ID_BITS | group) << _SENT_BITS | owner[pos][by_key])
+                pos = pos[by_key]
+                key, tf = _runs((k << _ID_BITS | group) << _SENT_BITS | owner[pos])
                 keys.append(key)
                 tfs.append(tf)
+                ids = group
             else:
                 ids = last if k == 0 else self._ids(k, prefix[pos], last)
                 keys.append((k << _ID_BITS | ids) << _SENT_BITS | owner[pos])
@@ -233,25 +249,22 @@ class CiderD:
         if self._sizes.max() + len(tok) >= 1 << _ID_BITS:
             raise ValueError("too many distinct n-grams for CIDEr-D's 30-bit ids")
         if not keys:  # no words at all
-            return np.zeros(0, np.int64), np.zeros(0), lengths
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), lengths
         if build:
-            return np.concatenate(keys), np.concatenate(tfs).astype(np.float64), lengths
+            return np.concatenate(keys), np.concatenate(tfs), lengths
         key, tf = np.unique(np.concatenate(keys), return_counts=True)
-        return key, tf.astype(np.float64), lengths
+        return key, tf, lengths
 
     def _tokens(self, flat, build):
-        """Token ids; tokens unknown to the corpus get fresh ids (from V on), unique
-        within the call."""
-        ids = self._token_ids
-        distinct = dict.fromkeys(flat)  # first-seen order, so fresh ids are deterministic
+        """Token ids; tokens unknown to the corpus get fresh ids (from V on, in order of
+        first sight), unique within the call."""
+        # A dict that numbers each new token as it is first looked up, at C speed.
+        ids = defaultdict(count(len(self._token_ids)).__next__, self._token_ids)
+        tok = np.fromiter(map(ids.__getitem__, flat), dtype=np.int64, count=len(flat))
         if build:
-            ids.update(zip(distinct, range(len(distinct))))
+            self._token_ids = dict(ids)
             self._sizes[0] = len(ids)
-        unseen = [t for t in distinct if t not in ids]
-        if unseen:
-            ids = dict(ids)
-            ids.update(zip(unseen, range(len(ids), len(ids) + len(unseen))))
-        return np.fromiter(map(ids.__getitem__, flat), dtype=np.int64, count=len(flat))
+        return tok
 
     def _ids(self, k, prefix, last):
         """Ids of the (k+1)-grams (prefix id, last token id): their rank in _tables[k]
@@ -282,10 +295,6 @@ class _Bag:
         hi = key >> _SENT_BITS
         self.key, self.tf, self.length = key, tf, length
         self.sent, self.order, self.gid = key & _SENT_MASK, hi >> _ID_BITS, hi & _ID_MASK
-
-    def subset(self, keep, first, n):
-        """The entries ``keep`` of sentences first .. first + n - 1, renumbered from 0."""
-        return _Bag(self.key[keep] - first, self.tf[keep], self.length[first:first + n])
 
     def weigh(self, idf):
         self.w = self.tf * idf
@@ -327,12 +336,13 @@ def _expand(starts, counts):
     return owner, np.repeat(starts, counts) + offset
 
 
-def _clipped_cosines(cands, refs, useful, starts, counts, sigma):
+def _clipped_cosines(cands, first, refs, useful, starts, counts, sigma):
     """Per (candidate, reference) pair, in candidate order, and per order: the clipped
-    cosine times the length penalty, (P, 4). Candidate i's references are sentences
-    starts[i] .. starts[i] + counts[i] - 1 of ``refs``; the dot products run over the
-    candidate entries ``useful`` (the others cannot add to them)."""
-    cand = cands.sent[useful]
+    cosine times the length penalty, (P, 4). Candidate i is sentence first + i of
+    ``cands``, its references sentences starts[i] .. starts[i] + counts[i] - 1 of
+    ``refs``; the dot products run over the candidate entries ``useful`` (the others
+    cannot add to them)."""
+    cand = cands.sent[useful] - first
     ngram = (cands.order[useful] << _ID_BITS | cands.gid[useful]) << _SENT_BITS
     # The entries of this n-gram in this candidate's references: one run of refs.key.
     lo = np.searchsorted(refs.key, ngram | starts[cand])
@@ -346,11 +356,11 @@ def _clipped_cosines(cands, refs, useful, starts, counts, sigma):
     dot = np.bincount(pair * N_ORDERS + cands.order[entry], np.minimum(h, r) * r,
                       minlength=P * N_ORDERS).reshape(P, N_ORDERS)
     pair_cand, pair_ref = _expand(starts, counts)
-    norm_h, norm_r = cands.norm[pair_cand], refs.norm[pair_ref]
+    norm_h, norm_r = cands.norm[first + pair_cand], refs.norm[pair_ref]
     # The toolkit divides only when both norms are non-zero (the dot is 0 otherwise).
     both = (norm_h != 0) & (norm_r != 0)
     val = np.where(both, dot / np.where(both, norm_h * norm_r, 1.0), dot)
-    delta = cands.length[pair_cand] - refs.length[pair_ref]
+    delta = cands.length[first + pair_cand] - refs.length[pair_ref]
     return val * np.exp(-(delta ** 2) / (2 * sigma ** 2))[:, None]
 
 
