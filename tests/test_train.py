@@ -362,3 +362,95 @@ def test_step_stats_reach_the_history_and_the_log(tmp_path):
     assert "train_reward" not in val_header and "val_cider" in val_header
     assert "epoch_seconds" in val_header and len(h["epoch_seconds"]) == 2
     assert all(s > 0 for s in h["epoch_seconds"])
+
+
+@pytest.mark.parametrize("average_score,kept", [(0.9, True), (0.4, False)])
+def test_the_average_of_the_best_epochs_is_kept_only_when_val_prefers_it(tmp_path, average_score, kept):
+    from rnncap.train import average_top_epochs, with_params
+
+    scores = [0.1, 0.5, 0.3]
+    tr, model = scripted_trainer(tmp_path, scores, keep_top=2, epochs=3)
+    tr.val_fn = lambda m: {"val_cider": scores[tr.epoch - 1] if m is model else average_score}
+    feats, caps, idx, vocab = toy_problem()
+
+    def ckpt_fn(path, state, params=None):
+        save_checkpoint(path, model if params is None else with_params(model, params), vocab,
+                        train_state={k: v for k, v in state.items() if k != "history"},
+                        history=state["history"])
+
+    tr.checkpoint_fn = ckpt_fn
+    tr.fit()
+    snaps = [load_checkpoint(tmp_path / f"epoch-{e}.npz").model.params for e in (2, 3)]
+    before = {k: v.copy() for k, v in model.params.items()}
+    assert average_top_epochs(tr, model, tr.val_fn, ckpt_fn) == average_score
+    best = load_checkpoint(tmp_path / "best.npz")
+    for k in model.params:
+        assert np.array_equal(model.params[k], before[k])  # the model itself is untouched
+        want = (snaps[0][k].astype(np.float64) + snaps[1][k]) / 2 if kept else snaps[0][k]
+        np.testing.assert_allclose(best.model.params[k], want, rtol=1e-6, atol=1e-7)
+    assert best.train_state["best"].get("averaged") == ([2, 3] if kept else None)
+    assert load_checkpoint(tmp_path / "last.npz").train_state["best"] == best.train_state["best"]
+
+
+# -- rnncap train's defaults: selection on val CIDEr-D, decoding defaults in the checkpoint --
+
+def test_rnncap_train_keeps_the_best_val_cider_and_records_decoding_defaults(tmp_path):
+    pytest.importorskip("h5py")
+    from test_robustness import _dataset
+    from test_features import TinyEncoder
+
+    from rnncap.cli import main
+    from rnncap.config import DecodeConfig
+    from rnncap.features import extract_features
+
+    data, ids, paths = _dataset(tmp_path)
+    feats = tmp_path / "f.h5"
+    extract_features({"train": (ids[:9], paths[:9]), "val": (ids[9:], paths[9:])}, TinyEncoder(), feats,
+                     progress=False)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out), "--hidden", "8",
+                 "--wordvec", "4", "--epochs", "3", "--batch-size", "8", "--average", "0", "--quiet"]) == 0
+    last, best = load_checkpoint(out / "last.npz"), load_checkpoint(out / "best.npz")
+    cider = last.history["val_cider"]
+    assert len(cider) == 3 and best.train_state["best"]["val_cider"] == max(cider)
+    assert best.train_state["best"]["epoch"] == 1 + int(np.argmax(cider))
+    assert best.configs["decode"] == {"beam_size": DecodeConfig().beam_size,
+                                      "length_norm": DecodeConfig().length_norm}
+    assert best.configs["train"]["select"] == "cider" and best.configs["data"]["standardize"] is True
+
+    out2 = tmp_path / "run2"
+    assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out2), "--hidden", "8",
+                 "--wordvec", "4", "--epochs", "1", "--batch-size", "8", "--beam", "5", "--length-norm", "0",
+                 "--select", "loss", "--quiet"]) == 0
+    ck = load_checkpoint(out2 / "best.npz")
+    assert ck.configs["decode"] == {"beam_size": 5, "length_norm": 0.0}
+    assert "val_cider" not in ck.history and "val_loss" in ck.train_state["best"]
+
+    # rnncap evaluate decodes with them unless told otherwise
+    for extra, want in (([], (5, 0.0)), (["--beam", "2", "--length-norm", "0.5"], (2, 0.5))):
+        ev = tmp_path / f"eval{len(extra)}"
+        assert main(["evaluate", "--checkpoint", str(out2 / "best.npz"), "--data", str(data), "--features",
+                     str(feats), "--out", str(ev), "--no-meteor", "--report-images", "0", "--json",
+                     *extra]) == 0
+        run = json.loads((ev / "metrics.json").read_text())["run"]
+        assert (run["beam"], run["length_norm"]) == want
+
+
+def test_captioner_uses_the_checkpoints_decoding_defaults(tmp_path):
+    from rnncap.config import DecodeConfig, decode_config, to_dict
+    from rnncap.decoding import beam_decode, greedy_decode
+    from rnncap.sample import Captioner
+
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab, dropout=0.0, seed=5)
+    assert decode_config({}) == DecodeConfig(3, 0.0)  # checkpoints older than decoding defaults
+    assert decode_config({"decode": to_dict(DecodeConfig(4, 0.7))}) == DecodeConfig(4, 0.7)
+    cap = Captioner(model, vocab, None, max_length=6, decode=DecodeConfig(4, 0.7))
+    assert cap.decoding() == (4, 0.7) and cap.decoding(1, None) == (1, 0.7)
+    banned = vocab.never_generated
+    want = [vocab.decode(r) for r in beam_decode(model, feats, beam_size=4, max_length=6, length_norm=0.7,
+                                                 banned=banned)]
+    assert cap.caption_features(feats) == want
+    assert cap.caption_features(feats, beam=1) == [vocab.decode(r) for r in greedy_decode(
+        model, feats, max_length=6, banned=banned)]
+    assert Captioner(model, vocab, None).decode == DecodeConfig(3, 0.0)
