@@ -123,16 +123,33 @@ def redraw(objective, features, state):
     return objective.draw(np.repeat(features, objective.samples, axis=0))
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def attention_model(seed=0, jitter=0.1):
+    """The attention model at the size of ``small_model`` (L=4 locations, A=3), without
+    its attention penalty, moved off its initialisation."""
+    from rnncap.attention import AttentionCaptioningModel
+
+    m = AttentionCaptioningModel(11, 6, 4, 5, attention_dim=3, attention_reg=0.0, dtype=np.float64, seed=seed)
+    r = np.random.default_rng(seed + 100)
+    for k, v in m.params.items():
+        m.params[k] = (v + jitter * r.standard_normal(v.shape)).astype(np.float64)
+    return m
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "attention"])
 def test_scst_gradient_is_the_policy_gradient(cell):
     """grads of the objective = d/dparams of -mean_samples (r - b) log p(sample), where
     log p comes from ``sequence_log_prob`` (through ``step``: another code path than
     the loss) and b is the leave-one-out mean computed here by hand; the samples and
-    rewards are held fixed while the parameters move (centred differences)."""
+    rewards are held fixed while the parameters move (centred differences). The
+    attention model goes through the same objective (its spatial maps (N, L, D))."""
     from rnncap.decoding import sequence_log_prob
 
-    m = small_model(cell)
-    feats, _ = small_batch(N=3)
+    if cell == "attention":
+        m = attention_model()
+        feats = np.random.default_rng(4).standard_normal((3, 4, 6))
+    else:
+        m = small_model(cell)
+        feats, _ = small_batch(N=3)
     scorer, _ = tiny_scorer(tiny_vocab(), 3)
     obj = objective_for(m, scorer, samples=4)
     images = np.array([2, 0, 1])
