@@ -103,8 +103,10 @@ def test_train_on_real_photos_then_caption_full_size_photos(tmp_path, flickr_sub
     feats = cap.features(photos)
     by_norm = {a: [vocab.decode(r) for r in beam_decode(cap.model, feats, beam_size=3, max_length=cap.max_length,
                                                           length_norm=a, banned=vocab.never_generated)]
-               for a in (0.0, 1.0)}
-    assert cap.caption_many(photos, length_norm=1.0) == by_norm[1.0]
-    assert cap.caption_many(photos, length_norm=0.0) == by_norm[0.0] != by_norm[1.0]
+               for a in (0.0, 1.0, 2.0, 4.0)}
+    differs = [a for a in (1.0, 2.0, 4.0) if by_norm[a] != by_norm[0.0]]
+    assert differs, "length normalisation changed no caption"
+    assert cap.caption_many(photos, length_norm=differs[0]) == by_norm[differs[0]]
+    assert cap.caption_many(photos, length_norm=0.0) == by_norm[0.0]
     # Without one, the checkpoint's own decoding default is used.
     assert cap.caption_many(photos) == cap.caption_many(photos, length_norm=cap.decode.length_norm)
