@@ -66,6 +66,22 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert "memory" not in r  # --quick skips the subprocesses
 
 
+def test_bench_attention_model_against_its_torch_twin(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--size", "tiny-attention", "--quick", "--batch-sizes", "3", "--repeats", "2",
+                 "--warmup", "1", "--parts", "train,decode", "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    (t,) = r["train"]
+    # same weights, same batch: the twin's first loss (cross-entropy + penalty) is ours
+    assert t["first_loss"]["torch"] == pytest.approx(t["first_loss"]["rnncap"], rel=1e-5)
+    assert t["ratio"] > 0 and 0 < t["flops_per_step"]["rnncap"] <= t["flops_per_step"]["dense"]
+    (d,) = r["decode"]
+    assert d["rnncap greedy"]["captions_per_s"] > 0 and "torch greedy" not in d
+    assert bench.memory_probe("torch", 3, "tiny-attention")["peak_growth_bytes"] >= 0
+
+
 def test_bench_without_torch_and_json_to_stdout(capsys):
     code = main(["bench", "--size", "tiny", "--no-torch", "--parts", "train", "--batch-sizes", "2",
                  "--repeats", "1", "--warmup", "1", "--json", "-"])
