@@ -14,9 +14,11 @@ Extraction is resumable: after every batch the features are flushed to disk, the
 their ``done`` flags. Re-running the same command skips finished rows. It refuses
 to resume a file made with another encoder (identity differs) or another image list.
 
-An image that cannot be loaded stops the run with a ``DataError`` naming it: every
-row already done is kept, so fix or remove the file and run again. (Skipping bad
-images silently would leave captions without features.)
+A missing or broken image is counted and skipped: every other image is encoded, then
+the run stops with one ``DataError`` line saying how many failed and naming the
+first, their rows left not done. Fix or remove them and run again: only those rows
+are read. (Skipping them silently would leave captions without features; a split
+with rows not done is refused for training.) ``rnncap features --ray`` does the same.
 
 PCA is fitted on the train features only, so validation images never shape the
 projection. For spatial maps (``--maps``: (L, C) per image) it is a per-channel PCA,
@@ -55,14 +57,16 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
     import h5py
 
     ident = encoder.identity()
-    encoded = {}
+    encoded, failed = {}, []
     with _open_for_writing(h5py, out_path, ident, dataset) as f:
         for split, (ids, paths) in split_items.items():
             ids, paths = [str(i) for i in ids], [os.fspath(p) for p in paths]
             if len(ids) != len(paths):
                 raise RnncapError(f"split {split!r}: {len(ids)} image ids but {len(paths)} paths")
             group = _split_group(h5py, f, split, ids, tuple(encoder.feature_shape), out_path)
-            encoded[split] = _fill(f, group, split, paths, encoder, batch_size, progress, workers)
+            encoded[split] = _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed)
+        if failed:
+            raise DataError(bad_images_message(out_path, failed, sum(encoded.values())))
         if pca_dim is not None:
             _store_pca(f, pca_dim, whiten, out_path)
     return encoded
@@ -125,8 +129,17 @@ def _split_group(h5py, f, split, ids, shape, path):
     return g
 
 
-def _fill(f, group, split, paths, encoder, batch_size, progress, workers):
-    """Encode the rows not yet done, in batches, decoding the next batch meanwhile."""
+def bad_images_message(out_path, failed, encoded):
+    """The one line a run with unreadable images ends with; failed: [(path, error)]."""
+    return (f"{out_path}: {len(failed)} images could not be read and were skipped (first: "
+            f"{failed[0][1]}); the other {encoded} are encoded. Fix or remove them and run again: "
+            f"only their rows are left")
+
+
+def _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed):
+    """Encode the rows not yet done, in batches, decoding the next batch meanwhile.
+    Images that cannot be read are appended to ``failed`` as (path, error) and their
+    rows left not done. Returns the number of rows encoded."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -144,10 +157,21 @@ def _fill(f, group, split, paths, encoder, batch_size, progress, workers):
             return [pool.submit(encoder.preprocess, paths[r]) for r in rows]
 
         pending = submit(batches[0])
+        encoded = 0
         for k, rows in enumerate(batches):
-            x = np.stack([fut.result() for fut in pending])
+            good, x = [], []
+            for r, fut in zip(rows, pending):
+                try:
+                    x.append(fut.result())
+                    good.append(r)
+                except DataError as e:
+                    failed.append((paths[r], e))
             pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
-            feats = np.asarray(encoder.encode(x, batch_size=len(rows)), dtype=np.float32)
+            bar.update(len(rows) - len(good))
+            if not good:
+                continue
+            rows = np.asarray(good)
+            feats = np.asarray(encoder.encode(np.stack(x), batch_size=len(rows)), dtype=np.float32)
             lo, hi = rows[0], rows[-1] + 1
             if hi - lo == len(rows):  # the usual case: a contiguous run of rows
                 group["features"][lo:hi] = feats
@@ -159,10 +183,11 @@ def _fill(f, group, split, paths, encoder, batch_size, progress, workers):
                 group["done"][rows] = True
             f.flush()
             bar.update(len(rows))
+            encoded += len(rows)
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
-    return len(todo)
+    return encoded
 
 
 # ---- PCA ----------------------------------------------------------------------------

@@ -138,15 +138,24 @@ def test_refuses_to_mix_encoders_or_image_lists(items, tmp_path):
         load_features(out, "test")
 
 
-def test_a_bad_image_stops_the_run_naming_it(items, tmp_path):
+def test_bad_images_are_counted_and_skipped_then_the_run_names_them(items, tmp_path):
     ids, paths = items["train"]
     paths = list(paths)
     paths[7].write_text("not an image")
+    paths[2].unlink()
     out = tmp_path / "f.h5"
-    with pytest.raises(DataError, match=str(paths[7].name)):
+    with pytest.raises(DataError, match=rf"2 images could not be read.*first: .*{paths[2].name}.*the other 9"):
         extract_features({"train": (ids, paths)}, TinyEncoder(), out, batch_size=3, progress=False)
-    with h5py.File(out) as f:
-        np.testing.assert_array_equal(f["train/done"][...], [True] * 6 + [False] * 5)
+    with h5py.File(out) as f:  # every other image is encoded; the two bad rows are not done
+        np.testing.assert_array_equal(f["train/done"][...], [i not in (2, 7) for i in range(11)])
+    with pytest.raises(DataError, match="incomplete"):
+        load_features(out, "train")
+    # Fixed, the same command reads only those two rows.
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(paths[7], format="PNG")
+    Image.new("RGB", (8, 8), (200, 10, 30)).save(paths[2], format="PNG")
+    enc = TinyEncoder()
+    assert extract_features({"train": (ids, paths)}, enc, out, batch_size=3, progress=False) == {"train": 2}
+    assert enc.calls == 1 and load_features(out, "train")[0].shape == (11, 6)
 
 
 def test_pca_is_fitted_on_train_only_and_applied_identically(items, tmp_path):
