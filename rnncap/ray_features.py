@@ -162,8 +162,10 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
         the identity) and once per Ray worker process.
     actors: encoder actors: an int for a fixed pool, None for 1 up to the cluster's CPUs.
     rows_per_block: images per Ray block, the unit of a read task (default 4 batches).
-    stats: a dict to fill with {"written", "duplicates", "failed"} (for tests and
-        benchmarks).
+    stats: a dict to fill with {"written", "duplicates", "failed", "first_batch_s",
+        "first_batch_rows", "pipeline_s"} (rows written, rows that came twice, (split,
+        row, error) of the images that failed, seconds to the first result and its
+        size, seconds in all; for tests and benchmarks).
     encoder: this process's copy, if it has one already (else built by make_encoder).
     Needs ``connect()`` first. Returns {split: rows encoded by this call}; raises
     DataError after encoding everything else when images could not be read.
@@ -179,6 +181,7 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
     encoder = encoder if encoder is not None else make_encoder(device="cpu")
     ident = encoder.identity()
     stats = {} if stats is None else stats
+    stats.clear()
     stats.update(written=0, duplicates=0, failed=[])
     with _open_for_writing(h5py, out_path, ident, dataset) as f:
         groups, todo = {}, []
@@ -207,12 +210,17 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
             total = sum(len(w) for w in written.values())
             bar = tqdm(total=total, initial=total - len(todo), desc="features (ray)", unit="img",
                        disable=not progress, smoothing=0.1)
+            t0 = time.perf_counter()
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                     _write(f, groups, written, batch, stats)
                     bar.update(len(batch["row"]))
+                    if "first_batch_s" not in stats:
+                        stats.update(first_batch_s=time.perf_counter() - t0,
+                                     first_batch_rows=len(batch["row"]))
             finally:
                 bar.close()
+                stats["pipeline_s"] = time.perf_counter() - t0
         failed = stats["failed"]
         encoded = {s: int(w.sum()) for s, w in written.items()}
         if failed:
