@@ -229,3 +229,29 @@ def test_perplexity_leaves_the_penalty_and_smoothing_out():
     assert with_terms.loss(maps, caps, train=False)[0] != plain.loss(maps, caps, train=False)[0]
     assert perplexity(with_terms, maps, caps) == pytest.approx(perplexity(plain, maps, caps), rel=1e-12)
     assert with_terms.attention_reg == 1.0 and with_terms.label_smoothing == 0.2  # untouched
+
+
+def test_resume_is_bitwise_exact_for_the_attention_model(tmp_path):
+    """k steps, checkpoint, resume, m more == k+m steps (dropout on, stop mid-epoch):
+    the checkpoint rebuilds the attention model and its dropout generator."""
+    from test_train import make_trainer, resume_trainer, toy_problem
+
+    from rnncap.config import TrainConfig
+
+    feats, caps, idx, vocab = toy_problem()
+    maps = np.random.default_rng(5).standard_normal((len(feats), LOC, feats.shape[1])).astype(np.float32)
+    data = (maps, caps, idx)
+    base = dict(lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9)
+
+    def model():
+        return AttentionCaptioningModel(len(vocab), maps.shape[2], 6, 10, attention_dim=5, seed=3, dropout=0.3)
+
+    ref = model()
+    make_trainer(ref, data, vocab, tmp_path / "ref", TrainConfig(**base, max_iters=11)).fit()
+    t1 = make_trainer(model(), data, vocab, tmp_path / "a", TrainConfig(**base, max_iters=5))
+    t1.fit()
+    t2 = resume_trainer(tmp_path / "a" / "last.npz", data, tmp_path / "a", TrainConfig(**base, max_iters=11))
+    assert isinstance(t2.model, AttentionCaptioningModel) and t2.iteration == 5
+    t2.fit()
+    for name in ref.params:
+        assert np.array_equal(ref.params[name], t2.model.params[name]), name
