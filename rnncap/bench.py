@@ -746,7 +746,7 @@ def _run(args):
 
     if "gemm" in args.parts:
         sync = _sync_for(args.device, with_torch)
-        n = 2048 if args.size == "coco" else 128
+        n = 128 if args.size.startswith("tiny") else 2048
         results["gemm_size"] = n
         results["gemm_flops"] = {"numpy" if args.device == "cpu" else "cupy":
                                  gemm_peak(xp_for(args.device), n, sync=sync)}
