@@ -85,14 +85,11 @@ class CiderD:
     """
 
     def __init__(self, corpus_references, sigma=SIGMA, _candidates=()):
-        sets = [list(refs) for refs in corpus_references]
-        if not sets:
+        sentences, sizes = _flatten(corpus_references)
+        if not len(sizes):
             raise DataError("CIDEr-D needs at least one reference set for its document frequencies")
-        for i, refs in enumerate(sets):
-            if not refs:
-                raise DataError(f"reference set {i}: no reference captions")
         self.sigma = float(sigma)
-        self.n_sets = len(sets)
+        self.n_sets = len(sizes)
         self.log_n = float(np.log(float(self.n_sets)))
         # The corpus's tokens get ids 0..V-1; its distinct (k+1)-grams are _tables[k]
         # (sorted keys ``prefix id * V + last token id``), each n-gram's id its rank there.
@@ -101,8 +98,6 @@ class CiderD:
         self._tables = [None] * N_ORDERS
         self._sizes = np.zeros(N_ORDERS, dtype=np.int64)
 
-        sentences = [ref for refs in sets for ref in refs]
-        sizes = np.array([len(refs) for refs in sets], dtype=np.int64)
         self._set_start = np.cumsum(sizes) - sizes
         self._set_size = sizes
         # _candidates (cider_d's) share the pass, as sentences after the references;
@@ -113,17 +108,17 @@ class CiderD:
         # Document frequency: in how many reference sets each n-gram occurs. All orders
         # share one array (order k from _offset[k]), plus a spare cell with df 0.
         self._offset = np.cumsum(self._sizes) - self._sizes
-        cells = cell = self._cells(self._refs)
-        sent = self._refs.sent
-        if len(_candidates):
-            cell, sent = cell[sent < self._n_refs], sent[sent < self._n_refs]
-        doc = np.repeat(np.arange(self.n_sets, dtype=np.int64), sizes)[sent]
+        cell = self._cells(self._refs)
         # Entries run by n-gram, then sentence, so by (n-gram, set): count the set changes.
+        # Candidates (after the references) all belong to one more set, which counts 0.
+        doc = np.repeat(np.arange(self.n_sets + 1, dtype=np.int64),
+                        [*sizes, len(_candidates)])[self._refs.sent]
         first = np.ones(len(cell), dtype=bool)
         first[1:] = (cell[1:] != cell[:-1]) | (doc[1:] != doc[:-1])
+        first &= doc < self.n_sets
         self._df = np.bincount(cell[first], minlength=int(self._sizes.sum()) + 1).astype(np.float64)
         self._idf = self.log_n - np.log(np.maximum(1.0, self._df))
-        self._weigh(self._refs, cells)
+        self._weigh(self._refs, cell)
 
     def __len__(self):
         return self.n_sets
@@ -135,7 +130,7 @@ class CiderD:
             raise ValueError(f"an n-gram has 1..{N_ORDERS} tokens, got {len(ngram)}")
         bag = _Bag(*self._ngrams([ngram]))
         k = len(ngram) - 1
-        g = int(bag.gid[bag.order == k][0])
+        g = int(bag.gid(k)[0])
         return float(self._df[self._offset[k] + g]) if g < self._sizes[k] else 0.0
 
     def score(self, candidates, references):
@@ -147,17 +142,13 @@ class CiderD:
             if len(ref_ids) and (ref_ids.min() < 0 or ref_ids.max() >= self.n_sets):
                 raise IndexError(f"reference ids must lie in 0..{self.n_sets - 1}")
             return self._scores(self._bag(candidates), 0, self._refs, *self._ref_runs(ref_ids))
-        sets = [list(r) for r in references]
-        if len(sets) != len(candidates):
-            raise DataError(f"{len(candidates)} candidates but {len(sets)} reference sets")
-        for i, refs in enumerate(sets):
-            if not refs:
-                raise DataError(f"reference set {i}: no reference captions")
+        sentences, counts = _flatten(references)
+        if len(counts) != len(candidates):
+            raise DataError(f"{len(candidates)} candidates but {len(counts)} reference sets")
         # One pass over candidates and references, so that n-grams unseen in the corpus
         # get the same fresh ids on both sides.
         n = len(candidates)
-        bag = self._bag(list(candidates) + [ref for refs in sets for ref in refs])
-        counts = np.array([len(r) for r in sets], dtype=np.int64)
+        bag = self._bag(list(candidates) + sentences)
         return self._scores(bag, 0, bag, n + np.cumsum(counts) - counts, counts, corpus_refs=False)
 
     def _ref_runs(self, ref_ids):
@@ -196,13 +187,12 @@ class CiderD:
         fresh ids (never seen in the corpus) at the spare last cell, which has df 0."""
         cell = np.empty(len(bag.key), dtype=np.int64)
         spare = int(self._sizes.sum())
-        starts = np.searchsorted(bag.key, np.arange(N_ORDERS) << (_ID_BITS + _SENT_BITS))
-        for k, (lo, hi) in enumerate(zip(starts, [*starts[1:], len(cell)])):
-            gid = bag.gid[lo:hi]  # entries are sorted by order: one run each
-            cell[lo:hi] = self._offset[k] + gid
+        for k, run in enumerate(bag.runs):
+            gid = bag.gid(k)
+            cell[run] = self._offset[k] + gid
             fresh = gid >= self._sizes[k]
             if fresh.any():
-                cell[lo:hi][fresh] = spare
+                cell[run][fresh] = spare
         return cell
 
     def _weigh(self, bag, cell=None):
@@ -220,7 +210,7 @@ class CiderD:
         if str in set(map(type, sentences)):
             raise TypeError("captions must be token lists, not strings (split them first)")
         lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-        tok = self._tokens(list(chain.from_iterable(sentences)), build)
+        tok = self._tokens(chain.from_iterable(sentences), int(lengths.sum()), build)
         owner = np.repeat(np.arange(len(sentences), dtype=np.int64), lengths)
         left = np.repeat(np.cumsum(lengths), lengths) - np.arange(len(tok)) - 1  # words after
         keys, tfs, prefix = [], [], tok
@@ -255,12 +245,12 @@ class CiderD:
         key, tf = np.unique(np.concatenate(keys), return_counts=True)
         return key, tf, lengths
 
-    def _tokens(self, flat, build):
-        """Token ids; tokens unknown to the corpus get fresh ids (from V on, in order of
-        first sight), unique within the call."""
+    def _tokens(self, tokens, n, build):
+        """Ids of the n tokens; tokens unknown to the corpus get fresh ids (from V on, in
+        order of first sight), unique within the call."""
         # A dict that numbers each new token as it is first looked up, at C speed.
         ids = defaultdict(count(len(self._token_ids)).__next__, self._token_ids)
-        tok = np.fromiter(map(ids.__getitem__, flat), dtype=np.int64, count=len(flat))
+        tok = np.fromiter(map(ids.__getitem__, tokens), dtype=np.int64, count=n)
         if build:
             self._token_ids = dict(ids)
             self._sizes[0] = len(ids)
@@ -288,19 +278,35 @@ class CiderD:
 
 class _Bag:
     """Sparse n-gram vectors of S sentences as an inverted index: one entry per distinct
-    (order, n-gram, sentence), sorted by its key. ``weigh(idf)`` sets the tf-idf values
-    ``w`` and the norms (S, 4); ``length`` (S,) is in words."""
+    (order, n-gram, sentence), sorted by its key, so each order is one run of entries,
+    ``runs[k]`` (a slice). ``weigh(idf)`` sets the tf-idf values ``w`` and the norms
+    (S, 4); ``length`` (S,) is in words."""
 
     def __init__(self, key, tf, length):
-        hi = key >> _SENT_BITS
         self.key, self.tf, self.length = key, tf, length
-        self.sent, self.order, self.gid = key & _SENT_MASK, hi >> _ID_BITS, hi & _ID_MASK
+        self.sent = key & _SENT_MASK
+        starts = np.searchsorted(key, np.arange(N_ORDERS) << (_ID_BITS + _SENT_BITS))
+        self.runs = [slice(lo, hi) for lo, hi in zip(starts, [*starts[1:], len(key)])]
+
+    def gid(self, k):
+        """The n-gram ids of order k's entries."""
+        return (self.key[self.runs[k]] >> _SENT_BITS) & _ID_MASK
 
     def weigh(self, idf):
         self.w = self.tf * idf
-        sq = np.bincount(self.sent * N_ORDERS + self.order, self.w * self.w,
-                         minlength=len(self.length) * N_ORDERS)
-        self.norm = np.sqrt(sq).reshape(len(self.length), N_ORDERS)
+        self.norm = np.empty((len(self.length), N_ORDERS))
+        for k, run in enumerate(self.runs):
+            self.norm[:, k] = np.sqrt(np.bincount(self.sent[run], self.w[run] ** 2, minlength=len(self.length)))
+
+
+def _flatten(reference_sets):
+    """(every reference in order, (n_sets,) number of references of each set); a set
+    without references is refused."""
+    sets = list(reference_sets)
+    sizes = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
+    if len(sizes) and not sizes.all():
+        raise DataError(f"reference set {int(np.argmin(sizes))}: no reference captions")
+    return list(chain.from_iterable(sets)), sizes
 
 
 def _sorted_groups(key):
@@ -343,7 +349,7 @@ def _clipped_cosines(cands, first, refs, useful, starts, counts, sigma):
     ``refs``; the dot products run over the candidate entries ``useful`` (the others
     cannot add to them)."""
     cand = cands.sent[useful] - first
-    ngram = (cands.order[useful] << _ID_BITS | cands.gid[useful]) << _SENT_BITS
+    ngram = cands.key[useful] & ~_SENT_MASK  # (order, n-gram) with the sentence cleared
     # The entries of this n-gram in this candidate's references: one run of refs.key.
     lo = np.searchsorted(refs.key, ngram | starts[cand])
     hi = np.searchsorted(refs.key, ngram | (starts[cand] + counts[cand]))
@@ -353,7 +359,8 @@ def _clipped_cosines(cands, first, refs, useful, starts, counts, sigma):
     pair_start = np.cumsum(counts) - counts
     pair = pair_start[cand[hit]] + refs.sent[at] - starts[cand[hit]]
     P = int(counts.sum())
-    dot = np.bincount(pair * N_ORDERS + cands.order[entry], np.minimum(h, r) * r,
+    order = cands.key[entry] >> (_ID_BITS + _SENT_BITS)
+    dot = np.bincount(pair * N_ORDERS + order, np.minimum(h, r) * r,
                       minlength=P * N_ORDERS).reshape(P, N_ORDERS)
     pair_cand, pair_ref = _expand(starts, counts)
     norm_h, norm_r = cands.norm[first + pair_cand], refs.norm[pair_ref]

@@ -51,32 +51,31 @@ def time_against_toolkit(candidates, references, repeats=3):
     captions, and the largest per-image difference: dict."""
     from rnncap.cider import cider_d
 
-    def best(fn):
-        times, out = [], None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        return min(times), out
-
-    t_ours, (_, ours) = best(lambda: cider_d(candidates, references))
-    t_kit, (_, kit) = best(lambda: toolkit_cider(candidates, references))
+    t_ours = min(_seconds(lambda: cider_d(candidates, references)) for _ in range(repeats))
+    t_kit = min(_seconds(lambda: toolkit_cider(candidates, references)) for _ in range(repeats))
+    ours, kit = cider_d(candidates, references)[1], toolkit_cider(candidates, references)[1]
     return {"candidates": len(candidates), "rnncap_s": t_ours, "toolkit_s": t_kit,
             "speedup": t_kit / t_ours, "max_abs_diff": float(np.abs(ours - kit).max())}
 
 
-def time_rewards(corpus, candidates, ref_ids, repeats=5):
-    """Training-reward mode: seconds to build ``CiderD(corpus)`` once, and best-of-``repeats``
-    seconds for one ``score(candidates, ref_ids)`` call: dict."""
+def time_rewards(corpus, candidates, ref_ids, repeats=3):
+    """Training-reward mode: seconds to build ``CiderD(corpus)`` once, best-of-``repeats``
+    seconds for one ``score(candidates, ref_ids)``, and the toolkit's seconds for the
+    same candidate-reference pairs (it cannot fix df, so its df come from those pairs:
+    the same work, other idf): dict."""
     from rnncap.cider import CiderD
 
     t0 = time.perf_counter()
     scorer = CiderD(corpus)
     build = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        scorer.score(candidates, ref_ids)
-        times.append(time.perf_counter() - t0)
+    refs = [corpus[i] for i in ref_ids]
+    t_ours = min(_seconds(lambda: scorer.score(candidates, ref_ids)) for _ in range(repeats))
+    t_kit = min(_seconds(lambda: toolkit_cider(candidates, refs)) for _ in range(repeats))
     return {"corpus_sets": len(corpus), "candidates": len(candidates), "build_s": build,
-            "score_s": min(times)}
+            "score_s": t_ours, "toolkit_s": t_kit, "speedup": t_kit / t_ours}
+
+
+def _seconds(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
