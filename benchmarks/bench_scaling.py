@@ -196,7 +196,8 @@ def plan(args):
     """Time per epoch on paper from the measured inputs: training steps of
     T_compute / N + 2 (N - 1) / N * S / B (ring all-reduce at bandwidth B), and the
     refined form that keeps the update every rank does in full out of the division;
-    extraction at N workers of R images/s each after a start-up of S0."""
+    extraction at N workers of R images/s each after a start-up of S0. With
+    ``--local-ms N=MS``, also steps of (the loss measured at B/N rows) + update + comm."""
     nets = {"10GbE": 10e9 / 8, "100GbE": 100e9 / 8}
     S = args.gradient_mb * 2**20
     for name, captions, images in (("COCO", 600_000, 123_000), ("CC3M", 3_300_000, 3_300_000)):
@@ -210,6 +211,9 @@ def plan(args):
                 refined = (args.step_ms - args.update_ms) / 1e3 / n + args.update_ms / 1e3 + comm
                 row[f"train_h_{net}"] = round(steps * step / 3600, 2)
                 row[f"train_h_{net}_update_not_split"] = round(steps * refined / 3600, 2)
+                if n in args.local_ms:  # measured forward+backward at B/N rows, plus the update
+                    local = (args.local_ms[n] + args.update_ms) / 1e3 + comm
+                    row[f"train_h_{net}_measured_local"] = round(steps * local / 3600, 2)
                 row[f"comm_ms_{net}"] = round(1e3 * comm, 1)
             emit(**row)
 
@@ -238,7 +242,11 @@ def main():
     p.add_argument("--start-s", type=float, required=True, help="extraction start-up")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--local-ms", nargs="*", default=[], metavar="N=MS",
+                   help="forward+backward ms of one rank at B/N rows (from `compute`)")
     args = ap.parse_args()
+    if args.cmd == "plan":
+        args.local_ms = {int(k): float(v) for k, v in (x.split("=") for x in args.local_ms)}
     {"extract": extract, "compute": compute, "train": train, "allreduce": allreduce,
      "plan": plan}[args.cmd](args)
 
