@@ -337,11 +337,19 @@ def one_process(dist_setup):
     return params
 
 
-def test_two_processes_equal_one_process_and_each_other(dist_setup, one_process):
+@pytest.fixture(scope="module")
+def two_processes(dist_setup):
+    """2 epochs (16 steps) on 2 ranks under torchrun; each rank dumps its parameters."""
     tmp, data, feats, worker = dist_setup
     out = tmp / "two"
     p, _ = torchrun([str(worker), "train", "--distributed", "--data", str(data), "--features", str(feats),
                      "--out", str(out), "--epochs", "2", *TRAIN_ARGS], {"DUMP": str(tmp)})
+    return p, out
+
+
+def test_two_processes_equal_one_process_and_each_other(dist_setup, one_process, two_processes):
+    tmp = dist_setup[0]
+    p, out = two_processes
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = np.load(tmp / "rank0.npz"), np.load(tmp / "rank1.npz")
     got, state = params_of(out / "last.npz")
@@ -354,11 +362,11 @@ def test_two_processes_equal_one_process_and_each_other(dist_setup, one_process)
     assert p.stderr.count("epoch 2/2") == 1              # rank 0 alone logs
 
 
-def test_a_killed_rank_stops_the_job_and_a_relaunch_resumes(dist_setup, one_process):
+def test_a_killed_rank_stops_the_job_and_a_relaunch_resumes(dist_setup, one_process, two_processes):
     """Rank 1 dies (os._exit) just before step 11; rank 0 has saved at step 9
     (--checkpoint-every 3): the job ends at once with a one-line reason, and the same
-    command with --resume (through `python -m rnncap`) finishes the run with one
-    process's parameters."""
+    command with --resume (through `python -m rnncap`) finishes the run with the bits
+    of the uninterrupted 2-rank run, and one process's parameters to rounding."""
     tmp, data, feats, worker = dist_setup
     out = tmp / "killed"
     p, secs = torchrun([str(worker), "train", "--distributed", "--data", str(data), "--features", str(feats),
@@ -377,5 +385,7 @@ def test_a_killed_rank_stops_the_job_and_a_relaunch_resumes(dist_setup, one_proc
     assert "resuming from" in p.stderr and "iteration 9" in p.stderr
     got, state = params_of(out / "last.npz")
     assert state["iteration"] == 16
+    uninterrupted, _ = params_of(two_processes[1] / "last.npz")
     for k, want in one_process.items():
+        assert np.array_equal(got[k], uninterrupted[k]), k
         np.testing.assert_allclose(got[k], want, rtol=1e-4, atol=2e-6, err_msg=k)
