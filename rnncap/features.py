@@ -66,7 +66,7 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
             group = _split_group(h5py, f, split, ids, tuple(encoder.feature_shape), out_path)
             encoded[split] = _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed)
         if failed:
-            raise DataError(bad_images_message(out_path, failed, sum(encoded.values())))
+            raise DataError(bad_images_message(out_path, [e for _, e in failed], sum(encoded.values())))
         if pca_dim is not None:
             _store_pca(f, pca_dim, whiten, out_path)
     return encoded
@@ -129,11 +129,12 @@ def _split_group(h5py, f, split, ids, shape, path):
     return g
 
 
-def bad_images_message(out_path, failed, encoded):
-    """The one line a run with unreadable images ends with; failed: [(path, error)]."""
-    return (f"{out_path}: {len(failed)} images could not be read and were skipped (first: "
-            f"{failed[0][1]}); the other {encoded} are encoded. Fix or remove them and run again: "
-            f"only their rows are left")
+def bad_images_message(out_path, errors, encoded):
+    """The one line a run with unreadable images ends with (this path and --ray's):
+    errors: what went wrong with each, first first; encoded: the images that went well."""
+    return (f"{out_path}: {len(errors)} of {len(errors) + encoded} images could not be read and were "
+            f"skipped (first: {errors[0]}); the other {encoded} are encoded. Fix or remove them and "
+            f"run again: only their rows are left")
 
 
 def _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed):

@@ -176,7 +176,7 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
-    from .features import _open_for_writing, _split_group, _store_pca
+    from .features import _open_for_writing, _split_group, _store_pca, bad_images_message
 
     encoder = encoder if encoder is not None else make_encoder(device="cpu")
     ident = encoder.identity()
@@ -224,9 +224,7 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
         failed = stats["failed"]
         encoded = {s: int(w.sum()) for s, w in written.items()}
         if failed:
-            raise DataError(f"{out_path}: {len(failed)} of {len(todo)} images could not be read and were "
-                            f"skipped (first: {failed[0][2]}); the other {sum(encoded.values())} are "
-                            f"encoded. Fix or remove them and run again: only those rows are left")
+            raise DataError(bad_images_message(out_path, [e for _, _, e in failed], sum(encoded.values())))
         if pca_dim is not None:
             _store_pca(f, pca_dim, whiten, out_path)
     return encoded

@@ -144,7 +144,7 @@ def test_bad_images_are_counted_and_skipped_then_the_run_names_them(items, tmp_p
     paths[7].write_text("not an image")
     paths[2].unlink()
     out = tmp_path / "f.h5"
-    with pytest.raises(DataError, match=rf"2 images could not be read.*first: .*{paths[2].name}.*the other 9"):
+    with pytest.raises(DataError, match=rf"2 of 11 images could not be read.*first: .*{paths[2].name}.*the other 9"):
         extract_features({"train": (ids, paths)}, TinyEncoder(), out, batch_size=3, progress=False)
     with h5py.File(out) as f:  # every other image is encoded; the two bad rows are not done
         np.testing.assert_array_equal(f["train/done"][...], [i not in (2, 7) for i in range(11)])
