@@ -32,7 +32,9 @@ int64 and numbered by its rank in the sorted table of the corpus's n-grams (exac
 hashing, no collisions; n-grams the corpus lacks get fresh ids, unique within a call).
 Each batch of sentences is then an inverted index, one entry per distinct (n-gram, sentence)
 sorted by n-gram, so a candidate's n-gram finds the references of its image that hold it
-with two ``np.searchsorted`` calls. Counting, document frequencies, norms and the
+with two ``np.searchsorted`` calls, or, where each candidate sits right after its own
+references in one index (``cider_d``, explicit references), just before its own entry.
+Counting, document frequencies, norms and the
 clipped dot products are sorts, run lengths and ``np.bincount`` over flat arrays: no
 Python work per n-gram, only per token (the dict lookup) and per call.
 """
@@ -66,11 +68,9 @@ def cider_d(candidates, references, sigma=SIGMA):
         raise DataError(f"{len(candidates)} candidates but {len(references)} reference sets")
     if len(candidates) == 0:
         raise DataError("no captions to score")
-    # The candidates go through the constructor's one pass over the references: they
-    # are the sentences after the references in its index.
+    # The candidates go through the constructor's one pass, each after its references.
     scorer = CiderD(references, sigma=sigma, _candidates=candidates)
-    refs = scorer._refs
-    scores = scorer._scores(refs, scorer._n_refs, refs, *scorer._ref_runs(np.arange(len(references))))
+    scores = scorer._own_scores(scorer._refs, scorer._set_start, scorer._set_size)
     return float(scores.mean()), scores
 
 
@@ -84,8 +84,8 @@ class CiderD:
     token lists; their n-grams that the corpus lacks have df 0). Returns (n,) float64.
     """
 
-    def __init__(self, corpus_references, sigma=SIGMA, _candidates=()):
-        sentences, sizes = _flatten(corpus_references)
+    def __init__(self, corpus_references, sigma=SIGMA, _candidates=None):
+        sentences, sizes, starts = _flatten(corpus_references, _candidates)
         if not len(sizes):
             raise DataError("CIDEr-D needs at least one reference set for its document frequencies")
         self.sigma = float(sigma)
@@ -98,24 +98,24 @@ class CiderD:
         self._tables = [None] * N_ORDERS
         self._sizes = np.zeros(N_ORDERS, dtype=np.int64)
 
-        self._set_start = np.cumsum(sizes) - sizes
-        self._set_size = sizes
-        # _candidates (cider_d's) share the pass, as sentences after the references;
-        # their n-grams enter the tables with df 0.
-        self._n_refs = len(sentences)
-        self._refs = _Bag(*self._ngrams(sentences + list(_candidates), build=True))
+        self._set_start, self._set_size = starts, sizes
+        # _candidates (cider_d's) share the pass, each right after its references; their
+        # n-grams enter the tables (with df 0 unless a reference has them too).
+        self._refs = _Bag(*self._ngrams(sentences, build=True))
 
         # Document frequency: in how many reference sets each n-gram occurs. All orders
         # share one array (order k from _offset[k]), plus a spare cell with df 0.
         self._offset = np.cumsum(self._sizes) - self._sizes
         cell = self._cells(self._refs)
         # Entries run by n-gram, then sentence, so by (n-gram, set): count the set changes.
-        # Candidates (after the references) all belong to one more set, which counts 0.
-        doc = np.repeat(np.arange(self.n_sets + 1, dtype=np.int64),
-                        [*sizes, len(_candidates)])[self._refs.sent]
+        # A candidate comes last in its set, so it starts a set's run only when none of
+        # the set's references has the n-gram: such a run does not count.
+        per_set = np.full(self.n_sets, 1 if _candidates is not None else 0) + sizes
+        doc = np.repeat(np.arange(self.n_sets, dtype=np.int64), per_set)[self._refs.sent]
         first = np.ones(len(cell), dtype=bool)
         first[1:] = (cell[1:] != cell[:-1]) | (doc[1:] != doc[:-1])
-        first &= doc < self.n_sets
+        if _candidates is not None:
+            first &= self._refs.sent != (starts + sizes)[doc]
         self._df = np.bincount(cell[first], minlength=int(self._sizes.sum()) + 1).astype(np.float64)
         self._idf = self.log_n - np.log(np.maximum(1.0, self._df))
         self._weigh(self._refs, cell)
@@ -141,37 +141,79 @@ class CiderD:
                 raise DataError(f"{len(candidates)} candidates but {len(ref_ids)} reference ids")
             if len(ref_ids) and (ref_ids.min() < 0 or ref_ids.max() >= self.n_sets):
                 raise IndexError(f"reference ids must lie in 0..{self.n_sets - 1}")
-            return self._scores(self._bag(candidates), 0, self._refs, *self._ref_runs(ref_ids))
-        sentences, counts = _flatten(references)
-        if len(counts) != len(candidates):
-            raise DataError(f"{len(candidates)} candidates but {len(counts)} reference sets")
+            return self._scores(self._bag(candidates), self._refs, *self._ref_runs(ref_ids))
         # One pass over candidates and references, so that n-grams unseen in the corpus
         # get the same fresh ids on both sides.
-        n = len(candidates)
-        bag = self._bag(list(candidates) + sentences)
-        return self._scores(bag, 0, bag, n + np.cumsum(counts) - counts, counts, corpus_refs=False)
+        sentences, counts, starts = _flatten(references, candidates)
+        if not len(counts):
+            return np.zeros(0)
+        return self._own_scores(self._bag(sentences), starts, counts)
 
     def _ref_runs(self, ref_ids):
         """Where the references of each of the given corpus sets lie in ``self._refs``."""
         return self._set_start[ref_ids], self._set_size[ref_ids]
 
-    def _scores(self, cands, first, refs, starts, counts, corpus_refs=True):
-        """Candidate i (sentence first + i of ``cands``) against sentences starts[i] ..
-        starts[i] + counts[i] - 1 of ``refs``: (n,) CIDEr-D. corpus_refs: refs are
-        corpus references, so a candidate n-gram with df 0 matches none."""
+    def _scores(self, cands, refs, starts, counts):
+        """Candidate i (sentence i of ``cands``) against the corpus references, sentences
+        starts[i] .. starts[i] + counts[i] - 1 of ``refs``: (n,) CIDEr-D."""
         if len(counts) == 0:
             return np.zeros(0)
-        # Only entries that can add to a dot product: the candidates' with weight > 0
-        # (idf is 0 when every reference set has the n-gram) and, against the corpus,
-        # of an n-gram it has.
-        useful = cands.w > 0
-        if corpus_refs:
-            useful &= cands.in_corpus
-        if first or len(cands.length) > len(counts):
-            useful &= (cands.sent >= first) & (cands.sent < first + len(counts))
-        val = _clipped_cosines(cands, first, refs, np.flatnonzero(useful), starts, counts, self.sigma)
+        # Only entries that can add to a dot product: weight > 0 (idf is 0 when every
+        # reference set has the n-gram) and an n-gram of the corpus's references.
+        useful = np.flatnonzero((cands.w > 0) & cands.in_corpus)
+        cand = cands.sent[useful]
+        ngram = cands.key[useful] & ~_SENT_MASK  # (order, n-gram) with the sentence cleared
+        # The entries of this n-gram in this candidate's references: one run of refs.key.
+        lo = np.searchsorted(refs.key, ngram | starts[cand])
+        hi = np.searchsorted(refs.key, ngram | (starts[cand] + counts[cand]))
+        hit, at = _expand(lo, hi - lo)
+        return self._cider(cands, np.arange(len(counts)), refs, starts, counts, cand[hit], useful[hit], at)
+
+    def _own_scores(self, bag, starts, counts):
+        """Candidates that sit in ``bag`` right after their references: candidate i is
+        sentence starts[i] + counts[i], its references the counts[i] before it. In an
+        n-gram's run of entries (sorted by sentence) the references that have the
+        n-gram come just before the candidate's entry, so a short backward scan finds
+        every match, without a search."""
+        cand_sent = starts + counts
+        cand_of = np.full(len(bag.length), -1, dtype=np.int64)
+        cand_of[cand_sent] = np.arange(len(counts))
+        entry = np.flatnonzero((cand_of[bag.sent] >= 0) & (bag.w > 0))
+        cand = cand_of[bag.sent[entry]]
+        ngram = bag.key[entry] >> _SENT_BITS
+        hits, ats, alive = [], [], np.arange(len(entry))
+        for j in range(1, int(counts.max()) + 1):
+            at = entry[alive] - j
+            at_ok = np.maximum(at, 0)
+            ok = (at >= 0) & (bag.key[at_ok] >> _SENT_BITS == ngram[alive]) & \
+                (bag.sent[at_ok] >= starts[cand[alive]])
+            alive, at = alive[ok], at[ok]
+            hits.append(alive)
+            ats.append(at)
+            if not len(alive):
+                break
+        hit, at = np.concatenate(hits), np.concatenate(ats)
+        return self._cider(bag, cand_sent, bag, starts, counts, cand[hit], entry[hit], at)
+
+    def _cider(self, cands, cand_sent, refs, starts, counts, cand, entry, at):
+        """CIDEr-D from the matches: entry ``entry`` of candidate ``cand`` (sentence
+        cand_sent[cand] of ``cands``) has the n-gram of entry ``at`` of ``refs``, whose
+        sentence is one of starts[cand] .. starts[cand] + counts[cand] - 1. (n,)."""
+        h, r = cands.w[entry], refs.w[at]
+        pair_start = np.cumsum(counts) - counts
+        pair = pair_start[cand] + refs.sent[at] - starts[cand]
+        order = cands.key[entry] >> (_ID_BITS + _SENT_BITS)
+        P = int(counts.sum())
+        dot = np.bincount(pair * N_ORDERS + order, np.minimum(h, r) * r,
+                          minlength=P * N_ORDERS).reshape(P, N_ORDERS)
+        pair_cand, pair_ref = _expand(starts, counts)
+        norm_h, norm_r = cands.norm[cand_sent[pair_cand]], refs.norm[pair_ref]
+        # The toolkit divides only when both norms are non-zero (the dot is 0 otherwise).
+        both = (norm_h != 0) & (norm_r != 0)
+        val = np.where(both, dot / np.where(both, norm_h * norm_r, 1.0), dot)
+        delta = cands.length[cand_sent[pair_cand]] - refs.length[pair_ref]
+        val *= np.exp(-(delta ** 2) / (2 * self.sigma ** 2))[:, None]
         # Mean over orders and references, x 10.
-        pair_cand = np.repeat(np.arange(len(counts)), counts)
         total = np.bincount(pair_cand, val.sum(axis=1), minlength=len(counts))
         return 10.0 * total / (N_ORDERS * counts)
 
@@ -299,14 +341,21 @@ class _Bag:
             self.norm[:, k] = np.sqrt(np.bincount(self.sent[run], self.w[run] ** 2, minlength=len(self.length)))
 
 
-def _flatten(reference_sets):
-    """(every reference in order, (n_sets,) number of references of each set); a set
-    without references is refused."""
+def _flatten(reference_sets, candidates=None):
+    """(sentences, sizes, starts): every reference in order, how many each set has and
+    where each set starts among the sentences; with candidates, each candidate right
+    after its set's references. A set without references is refused."""
     sets = list(reference_sets)
     sizes = np.fromiter(map(len, sets), dtype=np.int64, count=len(sets))
     if len(sizes) and not sizes.all():
         raise DataError(f"reference set {int(np.argmin(sizes))}: no reference captions")
-    return list(chain.from_iterable(sets)), sizes
+    if candidates is None:
+        return list(chain.from_iterable(sets)), sizes, np.cumsum(sizes) - sizes
+    if len(candidates) != len(sets):
+        raise DataError(f"{len(candidates)} candidates but {len(sets)} reference sets")
+    step = sizes + 1
+    return (list(chain.from_iterable([*refs, c] for refs, c in zip(sets, candidates))), sizes,
+            np.cumsum(step) - step)
 
 
 def _sorted_groups(key):
@@ -340,35 +389,6 @@ def _expand(starts, counts):
     owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
     offset = np.arange(len(owner), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     return owner, np.repeat(starts, counts) + offset
-
-
-def _clipped_cosines(cands, first, refs, useful, starts, counts, sigma):
-    """Per (candidate, reference) pair, in candidate order, and per order: the clipped
-    cosine times the length penalty, (P, 4). Candidate i is sentence first + i of
-    ``cands``, its references sentences starts[i] .. starts[i] + counts[i] - 1 of
-    ``refs``; the dot products run over the candidate entries ``useful`` (the others
-    cannot add to them)."""
-    cand = cands.sent[useful] - first
-    ngram = cands.key[useful] & ~_SENT_MASK  # (order, n-gram) with the sentence cleared
-    # The entries of this n-gram in this candidate's references: one run of refs.key.
-    lo = np.searchsorted(refs.key, ngram | starts[cand])
-    hi = np.searchsorted(refs.key, ngram | (starts[cand] + counts[cand]))
-    hit, at = _expand(lo, hi - lo)
-    entry, r = useful[hit], refs.w[at]
-    h = cands.w[entry]
-    pair_start = np.cumsum(counts) - counts
-    pair = pair_start[cand[hit]] + refs.sent[at] - starts[cand[hit]]
-    P = int(counts.sum())
-    order = cands.key[entry] >> (_ID_BITS + _SENT_BITS)
-    dot = np.bincount(pair * N_ORDERS + order, np.minimum(h, r) * r,
-                      minlength=P * N_ORDERS).reshape(P, N_ORDERS)
-    pair_cand, pair_ref = _expand(starts, counts)
-    norm_h, norm_r = cands.norm[first + pair_cand], refs.norm[pair_ref]
-    # The toolkit divides only when both norms are non-zero (the dot is 0 otherwise).
-    both = (norm_h != 0) & (norm_r != 0)
-    val = np.where(both, dot / np.where(both, norm_h * norm_r, 1.0), dot)
-    delta = cands.length[first + pair_cand] - refs.length[pair_ref]
-    return val * np.exp(-(delta ** 2) / (2 * sigma ** 2))[:, None]
 
 
 def _as_ref_ids(references):
