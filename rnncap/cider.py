@@ -30,13 +30,13 @@ How it is fast: tokens become integer ids through one dict; an n-gram of order k
 the integer pair (id of its first k-1 words, id of its last word), packed into one
 int64 and numbered by its rank in the sorted table of the corpus's n-grams (exact: no
 hashing, no collisions; n-grams the corpus lacks get fresh ids, unique within a call).
-Each batch of sentences is then an inverted index, one entry per distinct (n-gram, sentence)
-sorted by n-gram, so a candidate's n-gram finds the references of its image that hold it
-with two ``np.searchsorted`` calls, or, where each candidate sits right after its own
-references in one index (``cider_d``, explicit references), just before its own entry.
-Counting, document frequencies, norms and the
-clipped dot products are sorts, run lengths and ``np.bincount`` over flat arrays: no
-Python work per n-gram, only per token (the dict lookup) and per call.
+A batch of sentences is then an inverted index, one entry per distinct (n-gram,
+sentence) sorted by n-gram, so a candidate's n-gram finds the references of its image
+that hold it with two ``np.searchsorted`` calls; where each candidate sits right after
+its own references in one index (``cider_d``, explicit references) they are the entries
+just before its own. Counting, document frequencies, norms and the clipped dot products
+are sorts, run lengths and ``np.bincount`` over flat arrays: no Python work per n-gram,
+only per token (the dict lookup) and per call.
 """
 from __future__ import annotations
 
