@@ -460,7 +460,8 @@ def markdown(results, data):
             lines.append(f"| {r['run']} | {r['seed']} | {enc} | {dec} | "
                          + " | ".join("-" if m.get(k) is None else f"{m[k]:.3f}" if k != "perplexity"
                                       else f"{m[k]:.1f}" for k in keys)
-                         + f" | {kept} | {r['train_seconds'] / 60:.1f} |")
+                         + f" | {kept} | " + ("-" if r["train_seconds"] is None else f"{r['train_seconds'] / 60:.1f}")
+                         + " |")
     sweeps = [(r, Path(data.out, f"{r['run']}-s{r['seed']}", "length_norm.json")) for r in results]
     sweeps = [(r, json.loads(p.read_text())) for r, p in sweeps if p.is_file()]
     if sweeps:
@@ -470,9 +471,11 @@ def markdown(results, data):
         lines += [f"| {r['run']} | {r['seed']} | {row['beam']} | {row['length_norm']:g} | {row['BLEU-4']:.3f} | "
                   f"{row['CIDEr']:.3f} | {row['mean_length']:.2f} | {row['distinct_fraction']:.3f} |"
                   for r, rows in sweeps for row in rows]
-    lines += ["", "Per-epoch val (greedy):", ""]
+    lines += ["", "Per-epoch val, greedy captions (C: for rnncap runs the NumPy CIDEr-D `rnncap train` selects "
+              "on; for the PyTorch twin the COCO toolkit's; reward: SCST's mean train reward):", ""]
     for r in results:
-        lines.append(f"- {r['run']} s{r['seed']} (untrained CIDEr {r['untrained_val_cider']:.3f}): "
+        start = "its cross-entropy start" if r.get("implementation") == "rnncap-scst" else "untrained"
+        lines.append(f"- {r['run']} s{r['seed']} ({start}: CIDEr {r['untrained_val_cider']:.3f}): "
                      + ", ".join(f"{h['epoch']}: " + (f"B4 {h['val_bleu4']:.3f} " if "val_bleu4" in h else "")
                                  + f"C {h['val_cider']:.3f}"
                                  + (f" reward {h['train_reward']:.3f}" if "train_reward" in h else "")
