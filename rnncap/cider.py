@@ -180,19 +180,19 @@ class CiderD:
         cand_of[cand_sent] = np.arange(len(counts))
         entry = np.flatnonzero((cand_of[bag.sent] >= 0) & (bag.w > 0))
         cand = cand_of[bag.sent[entry]]
-        ngram = bag.key[entry] >> _SENT_BITS
+        # An earlier entry has this n-gram in one of these references iff its key is at
+        # least (this n-gram, the first reference): keys sort by n-gram, then sentence.
+        bound = (bag.key[entry] & ~_SENT_MASK) | starts[cand]
         hits, ats, alive = [], [], np.arange(len(entry))
         for j in range(1, int(counts.max()) + 1):
             at = entry[alive] - j
-            at_ok = np.maximum(at, 0)
-            ok = (at >= 0) & (bag.key[at_ok] >> _SENT_BITS == ngram[alive]) & \
-                (bag.sent[at_ok] >= starts[cand[alive]])
-            alive, at = alive[ok], at[ok]
-            hits.append(alive)
-            ats.append(at)
+            alive = alive[(at >= 0) & (bag.key[np.maximum(at, 0)] >= bound[alive])]
             if not len(alive):
                 break
-        hit, at = np.concatenate(hits), np.concatenate(ats)
+            hits.append(alive)
+            ats.append(entry[alive] - j)
+        hit = np.concatenate(hits) if hits else np.zeros(0, dtype=np.int64)
+        at = np.concatenate(ats) if ats else np.zeros(0, dtype=np.int64)
         return self._cider(bag, cand_sent, bag, starts, counts, cand[hit], entry[hit], at)
 
     def _cider(self, cands, cand_sent, refs, starts, counts, cand, entry, at):
