@@ -55,6 +55,7 @@ _ID_BITS, _SENT_BITS = 30, 31
 _SENT_MASK = (1 << _SENT_BITS) - 1
 _ID_MASK = (1 << _ID_BITS) - 1
 _TOKEN_BASE = 1 << 31  # exact key of an unknown n-gram: prefix id * 2**31 + last token id
+_RADIX_TOKENS = 1 << 16  # up to this many distinct tokens, unigrams are sorted as uint16
 
 
 def cider_d(candidates, references, sigma=SIGMA):
@@ -264,10 +265,16 @@ class CiderD:
             if build:
                 # One sort numbers the n-grams and, since windows of one sentence sit
                 # together within an n-gram's run, gives the entries in key order too.
-                key = last if k == 0 else prefix[pos] * self._sizes[0] + last
-                by_key, group, table = _sorted_groups(key)
-                if k:
-                    self._tables[k], self._sizes[k] = table, len(table)
+                if k == 0 and self._sizes[0] <= _RADIX_TOKENS:
+                    # Unigram ids are the token ids: a stable (radix) sort of them as
+                    # 16-bit numbers, about twice as fast as the general one.
+                    by_key = np.argsort(last.astype(np.uint16), kind="stable")
+                    group = last[by_key]
+                else:
+                    key = last if k == 0 else prefix[pos] * self._sizes[0] + last
+                    by_key, group, table = _sorted_groups(key)
+                    if k:
+                        self._tables[k], self._sizes[k] = table, len(table)
                 pos = pos[by_key]
                 key, tf = _runs((k << _ID_BITS | group) << _SENT_BITS | owner[pos])
                 keys.append(key)

@@ -162,6 +162,17 @@ def test_fixed_corpus_equals_the_toolkit_math_with_the_corpus_df(seed):
                                rtol=0, atol=1e-6)
 
 
+def test_the_general_sort_gives_the_same_scores(monkeypatch):
+    """More distinct tokens than the 16-bit unigram sort takes: the general path."""
+    import rnncap.cider
+
+    cands, refs = _random_sets(5, n_images=30)
+    fast = cider_d(cands, refs)[1]
+    monkeypatch.setattr(rnncap.cider, "_RADIX_TOKENS", 0)
+    np.testing.assert_array_equal(cider_d(cands, refs)[1], fast)
+    np.testing.assert_allclose(cider_d(cands, refs)[1], toolkit_cider(cands, refs)[1], rtol=0, atol=1e-6)
+
+
 def test_scores_do_not_depend_on_the_batch():
     cands, refs = _random_sets(3, n_images=20)
     scorer = CiderD(refs)
