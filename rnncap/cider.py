@@ -343,9 +343,10 @@ class _Bag:
 
     def weigh(self, idf):
         self.w = self.tf * idf
-        self.norm = np.empty((len(self.length), N_ORDERS))
+        S = len(self.length)
+        self.norm = np.empty((S, N_ORDERS))
         for k, run in enumerate(self.runs):
-            self.norm[:, k] = np.sqrt(np.bincount(self.sent[run], self.w[run] ** 2, minlength=len(self.length)))
+            self.norm[:, k] = np.sqrt(np.bincount(self.sent[run], self.w[run] ** 2, minlength=S))
 
 
 def _flatten(reference_sets, candidates=None):

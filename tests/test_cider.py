@@ -65,8 +65,9 @@ def test_hand_derived_scores():
 
 def test_length_penalty_hand_derived():
     # Candidate "a" against reference "a b": one word shorter (the toolkit counts 0 bigrams
-    # against 1, the same difference), so the unigram cosine is multiplied by exp(-1 / 72). Unigrams h = {a: w}, r = {a: w, b: w}
-    # with w = log 2: cosine = w^2 / (w * sqrt(2) w) = 1 / sqrt 2. Image 1 only makes N = 2.
+    # against 1, the same difference), so the unigram cosine is multiplied by exp(-1 / 72).
+    # Unigrams h = {a: w}, r = {a: w, b: w} with w = log 2: cosine = w^2 / (w * sqrt(2) w)
+    # = 1 / sqrt 2. Image 1 only makes N = 2.
     mean, per = cider_d([["a"], ["z"]], [[["a", "b"]], [["z", "y"]]])
     assert toolkit_cider([["a"], ["z"]], [[["a", "b"]], [["z", "y"]]])[1][0] == pytest.approx(per[0], abs=1e-12)
     assert per[0] == pytest.approx(10 / 4 * math.exp(-1 / 72) / math.sqrt(2), abs=1e-12)
