@@ -156,27 +156,41 @@ def load_checkpoint(path, device="cpu"):
     if len(vocab) != model.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model "
                               f"expects {model.vocab_size}")
-    if meta.get("model_rng"):
-        model.rng.bit_generator.state = meta["model_rng"]
+    try:
+        train_state, extras = _header_state(meta, arrays, model)
+    except Exception as e:  # a damaged or hand-edited JSON header
+        raise CheckpointError(f"{path}: damaged checkpoint header ({type(e).__name__}: {e})")
     if device != "cpu":
         model.to(device)
-
     pca = None
     if "pca/mean" in arrays:
         pca = {k: arrays.get(f"pca/{k}") for k in ("mean", "components", "scale")}
-    train_state = dict(meta.get("train_state") or {})
-    opt = {}
-    for pname, scalars in (meta.get("optimizer_scalars") or {}).items():
-        opt[pname] = dict(scalars)
+    return Checkpoint(model=model, vocab=vocab, pca=pca, train_state=train_state, meta=meta, **extras)
+
+
+def _header_state(meta, arrays, model):
+    """The training state, the dropout generator's state and the other header fields,
+    each checked for its type (a hand-edited header fails here, with its reason)."""
+    def mapping(key):
+        value = meta.get(key) or {}
+        if not isinstance(value, dict):
+            raise TypeError(f"{key!r} is a {type(value).__name__}, not an object")
+        return value
+
+    if meta.get("model_rng"):
+        model.rng.bit_generator.state = meta["model_rng"]
+    train_state = dict(mapping("train_state"))
+    opt = {pname: dict(scalars) for pname, scalars in mapping("optimizer_scalars").items()}
     for key, a in arrays.items():
         if key.startswith("opt/"):
             _, pname, k = key.split("/", 2)
             opt.setdefault(pname, {})[k] = a
     if opt:
         train_state["optimizer"] = opt
-    return Checkpoint(model=model, vocab=vocab, encoder=meta.get("encoder"), pca=pca,
-                      configs=meta.get("configs") or {}, history=meta.get("history") or {},
-                      train_state=train_state, meta=meta)
+    encoder = meta.get("encoder")
+    if encoder is not None and not isinstance(encoder, dict):
+        raise TypeError(f"'encoder' is a {type(encoder).__name__}, not an object")
+    return train_state, {"encoder": encoder, "configs": mapping("configs"), "history": mapping("history")}
 
 
 def _read_archive(path):

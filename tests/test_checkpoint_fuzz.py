@@ -182,3 +182,33 @@ def test_a_good_checkpoint_still_loads_with_all_its_arrays(tmp_path):
     np.testing.assert_array_equal(ck.train_state["optimizer"]["Wx"]["v"], np.ones((4, 5)))
     np.testing.assert_array_equal(ck.pca["components"], np.eye(3))
     assert ck.train_state["epoch"] == 1
+
+
+@pytest.mark.parametrize("field, value", [("optimizer_scalars", [1, 2]), ("train_state", [3]),
+                                          ("model_rng", {"bit_generator": "nope"}), ("configs", "x"),
+                                          ("history", 5), ("encoder", [1])])
+def test_a_header_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
+    """Hand-edited JSON header fields: CheckpointError naming the file, never a traceback."""
+    import json
+
+    from rnncap.checkpoint import load_checkpoint, save_checkpoint
+    from rnncap.errors import CheckpointError
+    from rnncap.model import CaptioningModel
+    from rnncap.vocab import Vocab
+
+    vocab = Vocab.build(["a dog runs"])
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, CaptioningModel(len(vocab), 4, 3, 5, seed=0), vocab)
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "__meta__.npy":
+                meta = json.loads(np.load(io.BytesIO(data)).tobytes().decode())
+                meta[field] = value
+                buf = io.BytesIO()
+                np.save(buf, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                data = buf.getvalue()
+            zout.writestr(item, data)
+    with pytest.raises(CheckpointError, match=r"bad\.npz: damaged checkpoint header"):
+        load_checkpoint(bad)
