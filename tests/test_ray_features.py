@@ -22,6 +22,8 @@ from rnncap.errors import DataError  # noqa: E402
 from rnncap.features import extract_features, load_features, read_pca  # noqa: E402
 from rnncap.ray_features import connect, extract_features_ray  # noqa: E402
 
+from test_features import _images  # noqa: E402  (the same small test photos)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -74,23 +76,9 @@ class Tiny:
         return TinyEncoder(self.die_marker)
 
 
-def images(folder, n, seed, prefix):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    ids, paths = [], []
-    for i in range(n):
-        a = rng.integers(0, 256, (int(rng.integers(12, 40)), int(rng.integers(12, 40)), 3), dtype=np.uint8)
-        a[:, :, i % 3] //= 4
-        p = folder / f"{prefix}{i:03d}.png"
-        Image.fromarray(a).save(p)
-        ids.append(p.name)
-        paths.append(p)
-    return ids, paths
-
-
 @pytest.fixture
 def items(tmp_path):
-    return {"train": images(tmp_path / "im", 30, 0, "tr"), "val": images(tmp_path / "im", 10, 1, "va")}
+    return {"train": _images(tmp_path / "im", 30, 0, "tr"), "val": _images(tmp_path / "im", 10, 1, "va")}
 
 
 def single_process(items, out, pca=None):
