@@ -54,8 +54,10 @@ class ScstObjective:
     reference sets are the train images' ``reward_references``), and returns the
     model's loss with the advantages as per-token weights, and its gradients.
 
-    The loss runs without dropout (``train=False``): the captions were drawn without
-    it, and the gradient must be that of their own probability.
+    The loss runs without dropout (``train=False``) and without any term of the
+    model's own beyond the likelihood (``likelihood_only``: no attention penalty): the
+    captions were drawn without them, and the gradient must be that of their own
+    probability alone.
 
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
     ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
@@ -120,7 +122,8 @@ class ScstObjective:
         captions[:, 0] = model.start_id
         captions[:, 1:] = ids
         weights = (np.arange(L)[None, :] < lengths[:, None]) * advantage[:, None]
-        loss, grads = model.loss(repeated, captions, train=False, token_weights=weights)
+        loss, grads = model.likelihood_only().loss(repeated, captions, train=False,
+                                                   token_weights=weights)
         self._stats = {"reward": float(rewards.mean())}
         if self.baseline == "greedy":
             self._stats["greedy_reward"] = float(base.mean())

@@ -124,11 +124,12 @@ def redraw(objective, features, state):
 
 
 def attention_model(seed=0, jitter=0.1):
-    """The attention model at the size of ``small_model`` (L=4 locations, A=3), without
-    its attention penalty, moved off its initialisation."""
+    """The attention model at the size of ``small_model`` (L=4 locations, A=3), with
+    its attention penalty on (the policy gradient must leave it out), moved off its
+    initialisation."""
     from rnncap.attention import AttentionCaptioningModel
 
-    m = AttentionCaptioningModel(11, 6, 4, 5, attention_dim=3, attention_reg=0.0, dtype=np.float64, seed=seed)
+    m = AttentionCaptioningModel(11, 6, 4, 5, attention_dim=3, attention_reg=2.0, dtype=np.float64, seed=seed)
     r = np.random.default_rng(seed + 100)
     for k, v in m.params.items():
         m.params[k] = (v + jitter * r.standard_normal(v.shape)).astype(np.float64)
