@@ -100,7 +100,7 @@ class AttentionCaptioningModel(CaptioningModel):
         xp.tanh(init, out=init)
         H = self.hidden_dim
         h0, c0 = init[:, :H], init[:, H:]
-        proj = (a.reshape(N * Lc, D) @ p["W_att"]).reshape(N, Lc, -1)   # once per image
+        proj = (a.reshape(N * Lc, D) @ p["W_att"]).reshape(N, Lc, self.attention_dim)   # once per image
         h, alpha, cache = L.attention_lstm_forward(x, a, proj, h0, c0, p["Wx"], p["Wz"], p["Wh"],
                                                    p["bh"], p["w_att"], lengths=self._steps_needed(mask))
         # Doubly stochastic attention: every location should be looked at about once
@@ -116,7 +116,7 @@ class AttentionCaptioningModel(CaptioningModel):
             dalpha = (-2.0 * lam) * gap[:, None, :] * real[:, :, None] if lam else None
             dx, _, dproj, dh0, dc0, g_Wx, g_Wz, g_Wh, g_bh, g_w = L.attention_lstm_backward(dh, dalpha, cache)
             g = {"Wx": g_Wx, "Wz": g_Wz, "Wh": g_Wh, "bh": g_bh, "w_att": g_w}
-            g["W_att"] = a.reshape(N * Lc, D).T @ dproj.reshape(N * Lc, -1)
+            g["W_att"] = a.reshape(N * Lc, D).T @ dproj.reshape(N * Lc, self.attention_dim)
             dinit = xp.concatenate([dh0, dc0], axis=1)
             dinit *= 1.0 - init * init                                  # through the tanh
             _, g["W_init"], g["b_init"] = L.affine_backward(dinit, c_init)
@@ -143,7 +143,7 @@ class AttentionCaptioningModel(CaptioningModel):
         init, _ = L.affine_forward(a.mean(axis=1), p["W_init"], p["b_init"])
         xp.tanh(init, out=init)
         H = self.hidden_dim
-        proj = (a.reshape(N * Lc, D) @ p["W_att"]).reshape(N, Lc, -1)
+        proj = (a.reshape(N * Lc, D) @ p["W_att"]).reshape(N, Lc, self.attention_dim)
         return AttentionState(init[:, :H], init[:, H:], xp.zeros((N, Lc), dtype=self.dtype), a, proj)
 
     def step(self, words, state):

@@ -255,3 +255,15 @@ def test_resume_is_bitwise_exact_for_the_attention_model(tmp_path):
     t2.fit()
     for name in ref.params:
         assert np.array_equal(ref.params[name], t2.model.params[name]), name
+
+
+def test_decoders_on_no_images_return_nothing():
+    """An empty batch (an evaluation with ``--report-images 0``) decodes to empty
+    results, not a reshape error."""
+    from rnncap.decoding import beam_search, greedy_decode, sample_decode
+
+    m = small_attention_model()
+    none = np.zeros((0, LOC, D))
+    assert beam_search(m, none, beam_size=2, max_length=4, return_attention=True) == []
+    assert greedy_decode(m, none, max_length=4).shape == (0, 4)
+    assert sample_decode(m, none, max_length=4, rng=0).shape == (0, 4)
