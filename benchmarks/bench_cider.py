@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # noqa: E402
 from cider_oracle import time_against_toolkit, time_rewards  # noqa: E402
 
-from rnncap.vocab import tokenize  # noqa: E402
+from rnncap.data.vocab import tokenize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "flickr8k" / "captions.json"
 

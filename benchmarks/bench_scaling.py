@@ -32,10 +32,10 @@ def emit(**row):
 # ---- extraction ------------------------------------------------------------------------
 
 def extract(args):
-    from rnncap.datasets import load_dataset
-    from rnncap.encoders import get_encoder
-    from rnncap.features import extract_features
-    from rnncap.ray_features import EncoderRecipe, connect, extract_features_ray
+    from rnncap.data.datasets import load_dataset
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.encoding.features import extract_features
+    from rnncap.encoding.ray_features import EncoderRecipe, connect, extract_features_ray
 
     ds = load_dataset(args.data)
     items = {k: (s.image_ids[:args.limit], s.image_paths[:args.limit]) for k, s in ds.splits.items()}
@@ -82,7 +82,7 @@ def synthetic(n_caps, n_images, seed=0):
 
 
 def make_model(seed=0):
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     return CaptioningModel(SHAPE["V"], SHAPE["D"], SHAPE["W"], SHAPE["H"], cell_type="lstm",
                            seed=seed, dropout=0.5, label_smoothing=0.1)
@@ -91,7 +91,7 @@ def make_model(seed=0):
 def compute(args):
     """Forward + backward time of the loss for a batch of b rows, and of the Adam update
     (which every rank does in full), in this process."""
-    from rnncap import optim
+    from rnncap.training import optim
 
     m = make_model()
     feats, caps, idx = synthetic(max(args.rows) * 4, 512)
@@ -138,7 +138,7 @@ def train(args):
     """Steps of the Trainer at global batch 128, one process or one rank per torchrun
     worker; rank 0 reports."""
     from rnncap.config import TrainConfig
-    from rnncap.train import Trainer
+    from rnncap.training.train import Trainer
 
     t_start = time.perf_counter()
     distributed = "RANK" in os.environ
@@ -147,7 +147,7 @@ def train(args):
     comm = None
     trained = model
     if distributed:
-        from rnncap.distributed import DataParallel, init_from_env
+        from rnncap.training.distributed import DataParallel, init_from_env
 
         comm = TimedComm(init_from_env())
         trained = DataParallel(model, comm)
@@ -175,7 +175,7 @@ def train(args):
 
 def allreduce(args):
     """Milliseconds of one all-reduce of a float32 buffer, by size (median of repeats)."""
-    from rnncap.distributed import init_from_env
+    from rnncap.training.distributed import init_from_env
 
     comm = init_from_env()
     for mb in args.mb:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from rnncap.bench import SIZES, build_rnncap, make_batch
-from rnncap.model import _one_blas_thread
+from rnncap.models.model import _one_blas_thread
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 dims = SIZES["attention"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rnncap.datasets import load_dataset
-from rnncap.sample import Captioner
+from rnncap.data.datasets import load_dataset
+from rnncap.inference.sample import Captioner
 
 ROOT = Path(__file__).resolve().parents[1]
 # Maps are shown for the first content words; function words are listed with their peak only.

@@ -17,7 +17,7 @@ same command. Steps, each reusing what an earlier invocation left in --out:
    so, and records its decoding defaults); a run whose training finished is not
    trained again;
 3. the kept model's val captions with greedy, beam-3 and beam-5 decoding (beam search
-   with the checkpoint's length normalisation), scored by ``rnncap.evaluate``'s
+   with the checkpoint's length normalisation), scored by ``rnncap.evaluation.evaluate``'s
    ``evaluate_split`` with the COCO caption toolkit against all 5 references;
 4. OUT/results.json and OUT/results.md: every finished run's numbers side by side,
    and example captions of randomly drawn val images (the seed is printed).
@@ -82,8 +82,8 @@ class Data:
     builds the same one from the same train captions)."""
 
     def __init__(self, args):
-        from rnncap.datasets import load_dataset
-        from rnncap.vocab import Vocab
+        from rnncap.data.datasets import load_dataset
+        from rnncap.data.vocab import Vocab
 
         self.dataset = load_dataset(args.data)
         self.splits = {}
@@ -124,9 +124,9 @@ class Data:
     def _features(self, encoder):
         """Raw features per split, from the full cache when it is complete, else
         extracted (resumably) into a cache for exactly these images."""
-        from rnncap.encoders import get_encoder
+        from rnncap.encoding.encoders import get_encoder
         from rnncap.errors import DataError
-        from rnncap.features import extract_features, feature_info, load_features, read_identity
+        from rnncap.encoding.features import extract_features, feature_info, load_features, read_identity
 
         args = self.args
         full = Path(args.features or Path(args.out) / f"features-{encoder}.h5")
@@ -163,7 +163,7 @@ class Data:
         return out, identity
 
     def encoded(self, name, max_length):
-        from rnncap.datasets import encode_split
+        from rnncap.data.datasets import encode_split
 
         caps, idx, _ = encode_split(self.splits[name], self.vocab, max_length)
         return caps, idx
@@ -183,11 +183,11 @@ def _complete(path, feature_info, sizes):
 # ---- scoring --------------------------------------------------------------------------
 
 def score(model, vocab, data, features, beam=1, meteor=True, perplexity=False, length_norm=0.0):
-    """Val captions of one decoder scored by ``rnncap.evaluate.evaluate_split`` (the
+    """Val captions of one decoder scored by ``rnncap.evaluation.evaluate.evaluate_split`` (the
     code behind ``rnncap evaluate``): COCO metrics, diversity and, when asked, the
     perplexity of the reference captions. Returns (summary, {image_id: caption})."""
-    from rnncap.datasets import encode_split
-    from rnncap.evaluate import evaluate_split
+    from rnncap.data.datasets import encode_split
+    from rnncap.evaluation.evaluate import evaluate_split
 
     val = data.splits["val"]
     caps, idx = encode_split(val, vocab, DECODE_MAX)[:2] if perplexity else (None, None)
@@ -217,7 +217,7 @@ def model_path(run_dir):
 def val_features(ckpt, data):
     """The val features a checkpoint takes: raw encoder output through the checkpoint's
     own feature transform (PCA, standardisation), as ``rnncap evaluate`` feeds them."""
-    from rnncap.features import apply_pca
+    from rnncap.encoding.features import apply_pca
 
     raw = data.features(ckpt.encoder["name"])[0]["val"]
     return np.asarray(apply_pca(raw, ckpt.pca) if ckpt.pca is not None else raw, dtype=np.float32)
@@ -340,7 +340,7 @@ def _read_rnncap(out_dir, data, seed, impl):
     length normalisation, the val features and the training seconds it recorded."""
     from rnncap.checkpoint import load_checkpoint
     from rnncap.config import ModelConfig, decode_config, from_dict
-    from rnncap.model import build_model
+    from rnncap.models.model import build_model
 
     best = load_checkpoint(out_dir / "best.npz")
     last = load_checkpoint(out_dir / "last.npz")
@@ -372,7 +372,7 @@ def _train_twin(r, seed, data, feats, args, same_init=False):
     sys.path.insert(0, str(HERE))
     from torch_twin import build_twin, load_rnncap, to_rnncap, train_twin
 
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     r = dict(r)
     for key in ("epochs", "hidden", "wordvec", "batch_size"):
@@ -531,7 +531,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/flickr8k", help="output folder (default %(default)s)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="Flickr8k folder (default %(default)s)")
     p.add_argument("--features", help="feature cache of the encoder (default OUT/features-ENCODER.h5)")
-    p.add_argument("--encoder", help=f"the encoder (rnncap.encoders.ENCODERS; default {DEFAULT_ENCODER})")
+    p.add_argument("--encoder", help=f"the encoder (rnncap.encoding.encoders.ENCODERS; default {DEFAULT_ENCODER})")
     p.add_argument("--runs", default="lstm",
                    help=f"comma-separated runs from {', '.join(RUNS)}, or 'all' (default %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default %(default)s)")
@@ -564,7 +564,7 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)} or 'all'")
     args.run_list = runs
-    from rnncap.encoders import ENCODERS
+    from rnncap.encoding.encoders import ENCODERS
 
     if args.encoder and args.encoder not in ENCODERS:
         p.error(f"--encoder: choose from {', '.join(ENCODERS)}")

@@ -70,7 +70,7 @@ def build_twin(vocab_size, input_dim, wordvec_dim=512, hidden_dim=512, dropout=0
 def to_rnncap(twin, null_id=0, start_id=1, end_id=2):
     """The twin's weights as an rnncap ``CaptioningModel`` (no dropout: for decoding
     and scoring)."""
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     sd = {k: v.detach().cpu().double().numpy() for k, v in twin.state_dict().items()}
     V, W = sd["embed.weight"].shape

@@ -195,10 +195,10 @@ def work_done(captions, dims):
 
 
 def build_rnncap(dims, seed, device="cpu"):
-    from .model import CaptioningModel
+    from .models.model import CaptioningModel
 
     if "A" in dims:
-        from .attention import AttentionCaptioningModel
+        from .models.attention import AttentionCaptioningModel
 
         model = AttentionCaptioningModel(dims["V"], dims["D"], dims["W"], dims["H"],
                                          attention_dim=dims["A"], null_id=NULL, start_id=START,
@@ -211,9 +211,9 @@ def build_rnncap(dims, seed, device="cpu"):
 
 
 def rnncap_trainer(model, lr=LR):
-    """A training-step closure: model.loss, then rnncap.optim.adam on every parameter
+    """A training-step closure: model.loss, then rnncap.training.optim.adam on every parameter
     (the same loop the trainer runs)."""
-    from .optim import adam
+    from .training.optim import adam
 
     states = {k: {} for k in model.params}
     params = model.params
@@ -379,7 +379,7 @@ def torch_trainer(tm, lr=LR):
 
 def torch_greedy(tm, features, max_length):
     """Greedy decoding in PyTorch, step for step the algorithm of
-    rnncap.decoding.greedy_decode (stop once every caption has emitted <END>)."""
+    rnncap.inference.decoding.greedy_decode (stop once every caption has emitted <END>)."""
     import torch
 
     with torch.inference_mode():
@@ -421,7 +421,7 @@ class TorchStepModel:
     """The decoder-facing part of ``CaptioningModel`` (``xp``, ``init_state``,
     ``step`` and the special ids) with the per-step math done by PyTorch.
 
-    Handing this to ``rnncap.decoding.beam_search`` gives a PyTorch beam search that
+    Handing this to ``rnncap.inference.decoding.beam_search`` gives a PyTorch beam search that
     is the same algorithm line for line: only the model step differs. Arrays cross
     without copies (``torch.from_numpy`` / DLPack on a GPU).
     """
@@ -575,7 +575,7 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
     PyTorch beam search is rnncap's own ``beam_search`` driving a PyTorch model step
     (``TorchStepModel``), so both sides run identical search code.
     """
-    from . import decoding
+    from .inference import decoding
 
     xp = xp_for(device)
     features, _ = make_batch(N, dims, seed)
@@ -588,7 +588,7 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
     if beam is not None:
         fns["rnncap beam"] = lambda: beam(model, f_x, beam_size=beam_size, max_length=max_length)
     res = {"N": N, "max_length": max_length, "beam_size": beam_size,
-           "beam": "timed" if beam is not None else "rnncap.decoding.beam_search not found"}
+           "beam": "timed" if beam is not None else "rnncap.inference.decoding.beam_search not found"}
     if with_torch:
         import torch
 
@@ -738,7 +738,7 @@ def _run(args):
     results = {"machine": info, "size": args.size, "dims": dims, "device": args.device,
                "repeats": repeats, "warmup": warmup, "command": " ".join(sys.argv)}
     if args.device == "cpu":
-        from .model import _MIN_DECODE_ROWS, _shards
+        from .models.model import _MIN_DECODE_ROWS, _shards
 
         results["rnncap_shards"] = {N: len(_shards(N, np)) for N in args.batch_sizes}
         results["rnncap_decode_shards"] = {N: len(_shards(N, np, _MIN_DECODE_ROWS)) for N in args.batch_sizes}
@@ -751,7 +751,7 @@ def _run(args):
         results["gemm_flops"] = {"numpy" if args.device == "cpu" else "cupy":
                                  gemm_peak(xp_for(args.device), n, sync=sync)}
         if args.device == "cpu":
-            from .model import _one_blas_thread
+            from .models.model import _one_blas_thread
 
             with _one_blas_thread(np):
                 results["gemm_flops"]["numpy 1 thread"] = gemm_peak(np, n)

@@ -5,7 +5,7 @@ A checkpoint holds everything needed to caption a new photo or to resume trainin
 * ``param/<name>``           model parameters
 * ``opt/<name>/<key>``       optimizer state arrays (Adam's m and v, SGD's velocity)
 * ``pca/mean``, ``pca/components``, ``pca/scale``  the feature transform (PCA and/or
-  standardisation, ``rnncap.features.apply_pca``) applied to encoder features, if any
+  standardisation, ``rnncap.encoding.features.apply_pca``) applied to encoder features, if any
 * ``__meta__``               UTF-8 JSON as a uint8 array: format name and version, the
   model constructor arguments, the config dataclasses, the vocabulary, the encoder's
   identity, training counters and RNG states, and the loss history.
@@ -62,7 +62,7 @@ def save_checkpoint(path, model, vocab, *, encoder=None, pca=None, configs=None,
             else:
                 opt_scalars[pname][key] = val if isinstance(val, (int, float)) else _host(val).item()
     for key in ("mean", "components", "scale") if pca is not None else ():
-        if pca.get(key) is not None:  # the feature transform (rnncap.features.apply_pca)
+        if pca.get(key) is not None:  # the feature transform (rnncap.encoding.features.apply_pca)
             arrays[f"pca/{key}"] = np.asarray(pca[key], dtype=np.float32)
     from . import __version__
 
@@ -122,8 +122,8 @@ def _atomic_savez(path, arrays):
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by ``save_checkpoint``. Raises CheckpointError with one
     line naming the file for anything that is not a valid, compatible checkpoint."""
-    from .model import model_class
-    from .vocab import Vocab
+    from .models.model import model_class
+    from .data.vocab import Vocab
 
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -17,13 +17,13 @@ from .errors import RnncapError
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("rnncap.demo", "generate a synthetic dataset, train, caption and report (the main job)"),
-    "download": ("rnncap.download", "download a dataset (e.g. coco-cs231n), resumably"),
-    "features": ("rnncap.features", "encode images into an HDF5 feature cache (optional PCA)"),
-    "train": ("rnncap.train", "train a captioner on cached features"),
-    "caption": ("rnncap.sample", "caption photos with a trained checkpoint"),
-    "evaluate": ("rnncap.evaluate", "COCO metrics, diversity and an HTML report on a split"),
+    "download": ("rnncap.data.download", "download a dataset (e.g. coco-cs231n), resumably"),
+    "features": ("rnncap.encoding.features", "encode images into an HDF5 feature cache (optional PCA)"),
+    "train": ("rnncap.training.train", "train a captioner on cached features"),
+    "caption": ("rnncap.inference.sample", "caption photos with a trained checkpoint"),
+    "evaluate": ("rnncap.evaluation.evaluate", "COCO metrics, diversity and an HTML report on a split"),
     "bench": ("rnncap.bench", "time a training step and decoding against PyTorch"),
-    "serve": ("rnncap.serve", "a web page and a JSON API that caption photos"),
+    "serve": ("rnncap.inference.serve", "a web page and a JSON API that caption photos"),
 }
 
 

@@ -33,7 +33,7 @@ class TrainConfig:
 
     The defaults (here, in ModelConfig and DataConfig) are the best recipe known on
     Flickr8k val (docs/results.md). stage "xe" is cross-entropy training; "scst" is
-    self-critical training (rnncap.scst) from the checkpoint ``init``, drawing
+    self-critical training (rnncap.training.scst) from the checkpoint ``init``, drawing
     ``samples`` captions per image, with the "mean" (of the other samples) or "greedy"
     baseline; its batch_size counts images.
     """

@@ -2,12 +2,12 @@
 
 Nothing is downloaded. The steps, each reusing the previous one's files in OUT:
 
-1. data      SIZE scenes of coloured shapes drawn by ``rnncap.synth`` (seeded), five
+1. data      SIZE scenes of coloured shapes drawn by ``rnncap.data.synth`` (seeded), five
              reference captions each, split 80/10/10: OUT/data/captions.json + images/
 2. features  the pretrained EfficientNet-Lite0 encoder, its last feature map pooled
              over the left and the right of the image (pooling "halves"), PCA
              fitted on train: OUT/features.h5 (the ``rnncap features`` format)
-3. training  an LSTM captioner through ``rnncap.train.Trainer``; the epoch with the best
+3. training  an LSTM captioner through ``rnncap.training.train.Trainer``; the epoch with the best
              validation semantic accuracy is kept: OUT/model/best.npz
 4. captions  beam search on the held-out test scenes
 5. report    COCO metrics, and the semantic accuracy: the fraction of captions that
@@ -45,7 +45,7 @@ MAX_LENGTH = 16      # the grammar's longest caption has 14 words
 def make_dataset(out_dir, size, seed, image_size=IMAGE_SIZE, progress=True, log=print):
     """Step 1: the synthetic dataset in OUT/data, reused when it was made with the
     same arguments. Returns the path of its captions.json."""
-    from . import synth
+    from .data import synth
 
     data_dir = Path(out_dir) / "data"
     path = data_dir / "captions.json"
@@ -72,9 +72,9 @@ def extract(captions_path, out_dir, pca_dim=PCA_DIM, device="cpu", progress=True
     """Step 2: half-pooled encoder features of every scene, with a PCA fitted on
     train. Returns the path of the feature cache. A cache for another dataset is
     replaced; one for this dataset is resumed (or reused as it is)."""
-    from .datasets import load_dataset
-    from .encoders import DEFAULT_ENCODER, get_encoder
-    from .features import extract_features, feature_info
+    from .data.datasets import load_dataset
+    from .encoding.encoders import DEFAULT_ENCODER, get_encoder
+    from .encoding.features import extract_features, feature_info
 
     dataset = load_dataset(captions_path, missing="error")
     pca_dim = min(pca_dim, len(dataset["train"]) - 1)  # a PCA needs more samples than dims
@@ -112,10 +112,10 @@ def load_data(captions_path, features_path, max_length=MAX_LENGTH):
     """Everything training and evaluation need, per split: {"features" (n, D),
     "captions" (M, T+1), "image_idx" (M,), "references", "scenes", "image_paths"},
     plus the vocabulary (built from train) and the encoder identity and PCA."""
-    from . import synth
-    from .datasets import encode_split, load_dataset
-    from .features import load_features, read_identity, read_pca
-    from .vocab import Vocab
+    from .data import synth
+    from .data.datasets import encode_split, load_dataset
+    from .encoding.features import load_features, read_identity, read_pca
+    from .data.vocab import Vocab
 
     dataset = load_dataset(captions_path, missing="error")
     scenes = synth.load_scenes(captions_path)
@@ -138,7 +138,7 @@ def load_data(captions_path, features_path, max_length=MAX_LENGTH):
 
 def captions_of(model, vocab, features, beam=1, max_length=MAX_LENGTH + 1):
     """Captions (strings) of feature rows: greedy for beam 1, else beam search."""
-    from .decoding import beam_decode, greedy_decode
+    from .inference.decoding import beam_decode, greedy_decode
 
     ids = (greedy_decode(model, features, max_length=max_length) if beam <= 1 else
            beam_decode(model, features, beam_size=beam, max_length=max_length))
@@ -150,11 +150,11 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
     """Step 3: train an LSTM captioner with the ordinary ``Trainer``. After each epoch
     the validation scenes are captioned greedily and judged; the best epoch is saved
     as OUT/model/best.npz and returned (model, history)."""
-    from . import synth
+    from .data import synth
     from .checkpoint import load_checkpoint, save_checkpoint
     from .config import DataConfig, ModelConfig, TrainConfig, to_dict
-    from .model import CaptioningModel
-    from .train import Trainer
+    from .models.model import CaptioningModel
+    from .training.train import Trainer
 
     vocab, tr, va = data["vocab"], data["splits"]["train"], data["splits"].get("val")
     # The configs record what the demo does, not rnncap train's (Flickr8k-tuned) defaults.
@@ -204,9 +204,9 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
 def evaluate(model, data, out_dir, beam=3, meteor=True, history=None):
     """Steps 4-5: caption the test scenes with beam search, score them, write the
     report. Returns a dict of the numbers printed."""
-    from . import synth
-    from .metrics import coco_metrics
-    from .report import write_report
+    from .data import synth
+    from .evaluation.metrics import coco_metrics
+    from .evaluation.report import write_report
 
     vocab, te = data["vocab"], data["splits"]["test"]
     captions = captions_of(model, vocab, te["features"], beam=beam)
@@ -264,7 +264,7 @@ def add_arguments(p):
 
 def run(args):
     # Idle OpenMP threads that spin steal the CPU a busy 2-core machine needs
-    # (see rnncap.features); only read when torch loads, and a user's value wins.
+    # (see rnncap.encoding.features); only read when torch loads, and a user's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     size = args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)

@@ -1,4 +1,4 @@
-"""pycocoevalcap's CIDEr-D as the oracle for rnncap.cider (tests and benchmarks/bench_cider.py).
+"""pycocoevalcap's CIDEr-D as the oracle for rnncap.evaluation.cider (tests and benchmarks/bench_cider.py).
 
 Both sides get the same tokens: rnncap's token lists, and for the toolkit the same tokens
 joined by single spaces (its ``precook`` splits on whitespace).
@@ -49,7 +49,7 @@ def toolkit_cider_fixed_df(corpus, candidates, references):
 def time_against_toolkit(candidates, references, repeats=3):
     """Best-of-``repeats`` seconds for rnncap's ``cider_d`` and the toolkit on the same
     captions, and the largest per-image difference: dict."""
-    from rnncap.cider import cider_d
+    from rnncap.evaluation.cider import cider_d
 
     t_ours = min(_seconds(lambda: cider_d(candidates, references)) for _ in range(repeats))
     t_kit = min(_seconds(lambda: toolkit_cider(candidates, references)) for _ in range(repeats))
@@ -63,7 +63,7 @@ def time_rewards(corpus, candidates, ref_ids, repeats=3):
     seconds for one ``score(candidates, ref_ids)``, and the toolkit's seconds for the
     same candidate-reference pairs (it cannot fix df, so its df come from those pairs:
     the same work, other idf): dict."""
-    from rnncap.cider import CiderD
+    from rnncap.evaluation.cider import CiderD
 
     t0 = time.perf_counter()
     scorer = CiderD(corpus)

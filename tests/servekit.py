@@ -33,14 +33,14 @@ def make_tiny_checkpoint(out):
     {"checkpoint": Path, "photos": [Path, ...]}."""
     from PIL import Image
 
-    from rnncap import synth
+    from rnncap.data import synth
     from rnncap.checkpoint import save_checkpoint
     from rnncap.config import TrainConfig
-    from rnncap.encoders import get_encoder
-    from rnncap.features import apply_pca, fit_pca
-    from rnncap.model import CaptioningModel
-    from rnncap.train import Trainer
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.encoding.features import apply_pca, fit_pca
+    from rnncap.models.model import CaptioningModel
+    from rnncap.training.train import Trainer
+    from rnncap.data.vocab import Vocab
 
     out = Path(out)
     data = json.loads(synth.write_dataset(out / "data", N_SCENES, seed=3, image_size=IMAGE_SIZE).read_text())

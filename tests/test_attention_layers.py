@@ -4,7 +4,7 @@ and the contract every layer keeps (inputs untouched, dtype kept)."""
 import numpy as np
 import pytest
 
-from rnncap import layers as L
+from rnncap.models import layers as L
 from rnncap.backend import to_numpy
 
 from gradcheck import check_gradients

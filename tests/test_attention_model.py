@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from gradcheck import check_gradients, rel_error
-from rnncap.attention import AttentionCaptioningModel, AttentionState
+from rnncap.models.attention import AttentionCaptioningModel, AttentionState
 from rnncap.backend import to_device, to_numpy
-from rnncap.decoding import beam_search, greedy_decode, sequence_log_prob
+from rnncap.inference.decoding import beam_search, greedy_decode, sequence_log_prob
 
 from test_model import NULL, START, END, _adam, _one_blas_thread, small_batch
 
@@ -76,7 +76,7 @@ def test_model_gradients(config, xp):
 
 
 def test_token_weights_gradients():
-    """The policy-gradient path (rnncap.scst): any-signed weights per target."""
+    """The policy-gradient path (rnncap.training.scst): any-signed weights per target."""
     m = small_attention_model()
     maps, caps = small_maps()
     w = np.random.default_rng(3).standard_normal(caps[:, 1:].shape) * (caps[:, 1:] != NULL)
@@ -114,7 +114,7 @@ def test_loss_never_writes_into_inputs_or_params():
 
 def _teacher_forced_scores(m, maps, caps):
     """The vocabulary scores of the training forward, without dropout."""
-    from rnncap import layers as L
+    from rnncap.models import layers as L
 
     p = m.params
     x, _ = L.word_embedding_forward(caps[:, :-1], p["W_embed"])
@@ -221,7 +221,7 @@ def test_memorises_fifty_captions():
 
 
 def test_perplexity_leaves_the_penalty_and_smoothing_out():
-    from rnncap.metrics import perplexity
+    from rnncap.evaluation.metrics import perplexity
 
     maps, caps = small_maps()
     with_terms = small_attention_model(attention_reg=1.0, label_smoothing=0.2)
@@ -260,7 +260,7 @@ def test_resume_is_bitwise_exact_for_the_attention_model(tmp_path):
 def test_decoders_on_no_images_return_nothing():
     """An empty batch (an evaluation with ``--report-images 0``) decodes to empty
     results, not a reshape error."""
-    from rnncap.decoding import beam_search, greedy_decode, sample_decode
+    from rnncap.inference.decoding import beam_search, greedy_decode, sample_decode
 
     m = small_attention_model()
     none = np.zeros((0, LOC, D))

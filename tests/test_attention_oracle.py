@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradcheck import rel_error
-from rnncap.attention import AttentionCaptioningModel
+from rnncap.models.attention import AttentionCaptioningModel
 
 torch = pytest.importorskip("torch")
 from rnncap.bench import _gate_order, build_torch_attention, torch_loss  # noqa: E402

@@ -24,12 +24,12 @@ def test_map_features_at_train_time_equal_features_at_caption_time(tmp_path):
     """Same photo -> the very same standardised (L, D) maps in training and captioning."""
     from PIL import Image, ImageDraw
 
-    from rnncap.attention import AttentionCaptioningModel
+    from rnncap.models.attention import AttentionCaptioningModel
     from rnncap.checkpoint import load_checkpoint, save_checkpoint
-    from rnncap.encoders import get_encoder
-    from rnncap.features import apply_pca, extract_features, fit_standardizer, load_features, read_identity, read_pca
-    from rnncap.sample import Captioner
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.encoding.features import apply_pca, extract_features, fit_standardizer, load_features, read_identity, read_pca
+    from rnncap.inference.sample import Captioner
+    from rnncap.data.vocab import Vocab
 
     paths = []
     for i in range(5):
@@ -66,8 +66,8 @@ def test_checkpoints_from_before_the_attention_model_still_load(tmp_path):
     import zipfile
 
     from rnncap.checkpoint import load_checkpoint, save_checkpoint
-    from rnncap.model import CaptioningModel
-    from rnncap.vocab import Vocab
+    from rnncap.models.model import CaptioningModel
+    from rnncap.data.vocab import Vocab
 
     vocab = Vocab.build(["a dog runs"])
     model = CaptioningModel(len(vocab), 5, 4, 3, cell_type="rnn", seed=1)
@@ -112,9 +112,9 @@ def attention_run(tmp_path_factory):
 def test_attention_model_trains_captions_and_draws_its_maps(attention_run, tmp_path):
     from PIL import Image
 
-    from rnncap.attention import AttentionCaptioningModel
+    from rnncap.models.attention import AttentionCaptioningModel
     from rnncap.checkpoint import load_checkpoint
-    from rnncap.sample import Captioner
+    from rnncap.inference.sample import Captioner
 
     data, maps, out = attention_run
     ckpt = load_checkpoint(out / "last.npz")
@@ -173,9 +173,9 @@ window.addEventListener("load", function () {
 
 def test_h0_checkpoints_refuse_attention_maps(tmp_path, capsys):
     from rnncap.checkpoint import save_checkpoint
-    from rnncap.encoders import get_encoder
-    from rnncap.model import CaptioningModel
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.models.model import CaptioningModel
+    from rnncap.data.vocab import Vocab
 
     vocab = Vocab.build(["a dog"])
     save_checkpoint(tmp_path / "h0.npz", CaptioningModel(len(vocab), 1280, 4, 3, seed=0), vocab,

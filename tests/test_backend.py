@@ -78,7 +78,7 @@ def test_gpu_available_matches_xp_for():
 
 
 def test_model_to_device_and_back(xp, device):
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     m = CaptioningModel(9, 4, 3, 5, cell_type="lstm", seed=0)
     before = {k: v.copy() for k, v in m.params.items()}

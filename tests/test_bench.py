@@ -114,7 +114,7 @@ def test_bad_arguments_are_one_line_errors():
 def test_sequence_layers_with_lengths_skip_only_padding(cell):
     """With ``lengths`` the recurrence runs packed and skips steps past each sequence's
     end: the outputs it keeps and every gradient equal the full run's (float64)."""
-    from rnncap import layers as L
+    from rnncap.models import layers as L
 
     r = np.random.default_rng(0)
     fwd, bwd = getattr(L, f"{cell}_forward"), getattr(L, f"{cell}_backward")
@@ -144,7 +144,7 @@ def test_loss_in_shards_equals_loss_in_one_piece(cell, dropout):
     limited to one thread it runs whole. Same loss, same gradients (float64), and the
     dropout masks use the random stream the same way."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from rnncap import model as M
+    from rnncap.models import model as M
 
     kw = dict(vocab_size=19, input_dim=6, wordvec_dim=5, hidden_dim=7, cell_type=cell,
               dtype=np.float64, seed=2, dropout=dropout, label_smoothing=0.1)
@@ -164,7 +164,7 @@ def test_loss_in_shards_equals_loss_in_one_piece(cell, dropout):
 
 def test_loss_in_shards_restores_blas_threads():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from rnncap import model as M
+    from rnncap.models import model as M
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=0)
     features, captions = bench.make_batch(130, dict(T=9, D=6, W=5, H=7, V=19))
@@ -178,8 +178,8 @@ def test_loss_in_shards_restores_blas_threads():
 
 def test_in_shards_splits_independent_rows_and_never_nests():
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from rnncap import model as M
-    from rnncap.decoding import greedy_decode
+    from rnncap.models import model as M
+    from rnncap.inference.decoding import greedy_decode
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=0)
     features, _ = bench.make_batch(40, dict(T=9, D=6, W=5, H=7, V=19))
@@ -205,8 +205,8 @@ def test_decoders_in_shards_match_one_piece():
     """greedy_decode and beam_search split large batches into groups of images run
     side by side; the captions are those of a single-threaded run."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from rnncap import decoding
-    from rnncap import model as M
+    from rnncap.inference import decoding
+    from rnncap.models import model as M
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=1)
     features, _ = bench.make_batch(37, dict(T=9, D=6, W=5, H=7, V=19), seed=5)

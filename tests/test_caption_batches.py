@@ -25,9 +25,9 @@ def setup(tmp_path_factory):
     """A random LSTM on EfficientNet-Lite0 features whose captions depend on the photo
     (a scaled-up projection), 7 photos of several sizes and one broken file."""
     from rnncap.checkpoint import save_checkpoint
-    from rnncap.encoders import get_encoder
-    from rnncap.model import CaptioningModel
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.models.model import CaptioningModel
+    from rnncap.data.vocab import Vocab
 
     tmp = tmp_path_factory.mktemp("batches")
     enc = get_encoder("efficientnet-lite0")
@@ -53,7 +53,7 @@ def _caption(capsys, ckpt, photos, *extra):
 
 
 def test_batches_give_the_captions_of_one_photo_at_a_time(setup, capsys):
-    from rnncap.sample import Captioner
+    from rnncap.inference.sample import Captioner
 
     ckpt, photos, broken = setup
     good = [p for p in photos if p != broken]
@@ -89,7 +89,7 @@ def test_batch_size_must_be_positive(setup, capsys):
 
 def test_encoder_features_do_not_depend_on_the_batch(setup):
     """Why batching may not change a caption: each photo's features are its own."""
-    from rnncap.sample import Captioner
+    from rnncap.inference.sample import Captioner
 
     ckpt, photos, broken = setup
     good = [p for p in photos if p != broken]

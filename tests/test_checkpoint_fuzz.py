@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from rnncap.checkpoint import load_checkpoint, save_checkpoint
 from rnncap.cli import main
 from rnncap.errors import CheckpointError
-from rnncap.model import CaptioningModel
-from rnncap.vocab import Vocab
+from rnncap.models.model import CaptioningModel
+from rnncap.data.vocab import Vocab
 
 
 class _Payload:
@@ -193,8 +193,8 @@ def test_a_header_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
 
     from rnncap.checkpoint import load_checkpoint, save_checkpoint
     from rnncap.errors import CheckpointError
-    from rnncap.model import CaptioningModel
-    from rnncap.vocab import Vocab
+    from rnncap.models.model import CaptioningModel
+    from rnncap.data.vocab import Vocab
 
     vocab = Vocab.build(["a dog runs"])
     good = tmp_path / "good.npz"

@@ -1,4 +1,4 @@
-"""rnncap.cider against the COCO toolkit's CIDEr-D (pycocoevalcap), to 1e-6.
+"""rnncap.evaluation.cider against the COCO toolkit's CIDEr-D (pycocoevalcap), to 1e-6.
 
 Both sides always get the same tokens (the toolkit gets them joined by spaces).
 """
@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("pycocoevalcap")
 from cider_oracle import toolkit_cider, toolkit_cider_fixed_df  # noqa: E402
 
-from rnncap.cider import CiderD, cider_d  # noqa: E402
+from rnncap.evaluation.cider import CiderD, cider_d  # noqa: E402
 from rnncap.errors import DataError  # noqa: E402
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "captions.json"
@@ -103,7 +103,7 @@ def test_equals_the_toolkit_on_random_sets(seed):
 
 def test_equals_coco_metrics_cider():
     """The scorer coco_metrics reports (pure-Python tokenisation path), on its own tokens."""
-    from rnncap.metrics import coco_metrics, ptb_tokenize
+    from rnncap.evaluation.metrics import coco_metrics, ptb_tokenize
 
     rng = np.random.default_rng(7)
     words = "a dog runs on the grass cat sits mat red ball , .".split()
@@ -165,11 +165,11 @@ def test_fixed_corpus_equals_the_toolkit_math_with_the_corpus_df(seed):
 
 def test_the_general_sort_gives_the_same_scores(monkeypatch):
     """More distinct tokens than the 16-bit unigram sort takes: the general path."""
-    import rnncap.cider
+    import rnncap.evaluation.cider
 
     cands, refs = _random_sets(5, n_images=30)
     fast = cider_d(cands, refs)[1]
-    monkeypatch.setattr(rnncap.cider, "_RADIX_TOKENS", 0)
+    monkeypatch.setattr(rnncap.evaluation.cider, "_RADIX_TOKENS", 0)
     np.testing.assert_array_equal(cider_d(cands, refs)[1], fast)
     np.testing.assert_allclose(cider_d(cands, refs)[1], toolkit_cider(cands, refs)[1], rtol=0, atol=1e-6)
 
@@ -206,7 +206,7 @@ def test_bad_input_is_refused():
 def _flickr8k_val():
     if not FLICKR8K.exists():
         pytest.skip(f"{FLICKR8K} not found")
-    from rnncap.vocab import tokenize
+    from rnncap.data.vocab import tokenize
 
     images = [im for im in json.loads(FLICKR8K.read_text())["images"] if im["split"] == "val"]
     return [[tokenize(c) for c in im["captions"]] for im in images]

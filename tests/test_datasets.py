@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnncap.datasets import Dataset, Split, encode_split, load_dataset
+from rnncap.data.datasets import Dataset, Split, encode_split, load_dataset
 from rnncap.errors import DataError
-from rnncap.vocab import SPECIALS, Vocab
+from rnncap.data.vocab import SPECIALS, Vocab
 
 h5py = pytest.importorskip("h5py")
 

@@ -10,9 +10,9 @@ import itertools
 import numpy as np
 import pytest
 
-from rnncap.decoding import (beam_decode, beam_search, greedy_decode, sample_decode,
+from rnncap.inference.decoding import (beam_decode, beam_search, greedy_decode, sample_decode,
                              sequence_log_prob)
-from rnncap.model import CaptioningModel
+from rnncap.models.model import CaptioningModel
 
 V, D = 9, 6
 NULL, START, END = 0, 1, 2

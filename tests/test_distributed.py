@@ -1,4 +1,4 @@
-"""Data-parallel training (rnncap.distributed): the same parameters as one process.
+"""Data-parallel training (rnncap.training.distributed): the same parameters as one process.
 
 In-process tests run the ranks as threads over a collective that sums in rank order;
 the torchrun tests run 2 processes with gloo on 127.0.0.1.
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from rnncap.config import TrainConfig
-from rnncap.distributed import (Collective, DataParallel, _RowsOfGlobalDraws, shard_bounds)
+from rnncap.training.distributed import (Collective, DataParallel, _RowsOfGlobalDraws, shard_bounds)
 from rnncap.errors import RnncapError
-from rnncap.model import CaptioningModel
-from rnncap.train import Trainer
+from rnncap.models.model import CaptioningModel
+from rnncap.training.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def test_masks_from_each_ranks_own_rows_would_be_caught(monkeypatch):
     plain split would), the parameters leave one process's: the test above can fail."""
     import contextlib
 
-    import rnncap.distributed as D
+    import rnncap.training.distributed as D
 
     monkeypatch.setattr(D, "_global_batch_draws", lambda *a: contextlib.nullcontext())
     data = toy()
@@ -219,7 +219,7 @@ def tiny_dataset(tmp_path, n_train=24, n_val=6):
     a stand-in encoder through the real ``extract_features``)."""
     pytest.importorskip("h5py")
     Image = pytest.importorskip("PIL.Image")
-    from rnncap.features import extract_features
+    from rnncap.encoding.features import extract_features
 
     rng = np.random.default_rng(0)
     img = tmp_path / "images"
@@ -247,7 +247,7 @@ def tiny_dataset(tmp_path, n_train=24, n_val=6):
             x = np.asarray(x)
             return np.concatenate([x.mean(axis=(2, 3)), x.std(axis=(2, 3))], axis=1).astype(np.float32)
 
-    from rnncap.datasets import load_dataset
+    from rnncap.data.datasets import load_dataset
 
     ds = load_dataset(data)
     feats = tmp_path / "features.h5"
@@ -265,7 +265,7 @@ TRAIN_ARGS = ["--cell", "lstm", "--hidden", "12", "--wordvec", "8", "--dropout",
 WORKER = textwrap.dedent("""
     import os, sys
     import numpy as np
-    from rnncap import train
+    from rnncap.training import train
     from rnncap.cli import main
 
     rank, die_at = int(os.environ["RANK"]), int(os.environ.get("DIE_AT", "0"))

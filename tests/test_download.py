@@ -1,4 +1,4 @@
-"""rnncap.download against a local HTTP server on 127.0.0.1 (no outside network)."""
+"""rnncap.data.download against a local HTTP server on 127.0.0.1 (no outside network)."""
 import hashlib
 import http.server
 import io
@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from rnncap import cli
-from rnncap.download import download, extract_zip
+from rnncap.data.download import download, extract_zip
 from rnncap.errors import RnncapError
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes
@@ -209,6 +209,6 @@ def test_cli_download_coco_cs231n(server, tmp_path, capsys):
 
 def test_cli_default_url_is_the_course_archive():
     args = cli.build_parser().parse_args(["download", "coco-cs231n"])
-    from rnncap.download import DATASETS
+    from rnncap.data.download import DATASETS
     assert args.url is None and args.dest == "data"
     assert DATASETS["coco-cs231n"]["url"] == "http://cs231n.stanford.edu/coco_captioning.zip"

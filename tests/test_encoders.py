@@ -10,8 +10,8 @@ pytest.importorskip("PIL")
 skdata = pytest.importorskip("skimage.data")
 from PIL import Image  # noqa: E402
 
-from rnncap import encoders  # noqa: E402
-from rnncap.encoders import ENCODERS, Encoder, describe_mismatch, get_encoder  # noqa: E402
+from rnncap.encoding import encoders  # noqa: E402
+from rnncap.encoding.encoders import ENCODERS, Encoder, describe_mismatch, get_encoder  # noqa: E402
 from rnncap.errors import CheckpointError, RnncapError  # noqa: E402
 
 CATS = {281, 282, 283, 284, 285, 286, 287}  # tabby, tiger cat, Persian, Siamese, Egyptian cat, cougar, lynx

@@ -12,10 +12,10 @@ import h5py  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rnncap.errors import DataError, RnncapError  # noqa: E402
-from rnncap.features import (apply_pca, extract_features, feature_info, fit_pca,  # noqa: E402
+from rnncap.encoding.features import (apply_pca, extract_features, feature_info, fit_pca,  # noqa: E402
                              fit_standardizer, transformed_dim,
                              load_features, read_identity, read_pca)
-from rnncap.images import load_image  # noqa: E402
+from rnncap.data.images import load_image  # noqa: E402
 
 FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
@@ -263,7 +263,7 @@ def test_fit_pca_math():
 @pytest.fixture(scope="module")
 def lite0():
     torch = pytest.importorskip("torch")
-    from rnncap.encoders import get_encoder
+    from rnncap.encoding.encoders import get_encoder
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # see test_encoders.one_torch_thread
@@ -295,7 +295,7 @@ def test_real_flickr8k_photos(lite0, tmp_path):
 
 
 def test_cli(tmp_path, capsys, monkeypatch):
-    from rnncap import encoders
+    from rnncap.encoding import encoders
     from rnncap.cli import main
 
     asked = []  # the real network is covered above; here the command's plumbing

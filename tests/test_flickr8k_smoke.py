@@ -49,7 +49,7 @@ def test_twin_converts_to_an_rnncap_model_with_the_same_loss():
 
     # load_rnncap is its inverse: an rnncap model's weights go into the twin and back
     # unchanged, and the twin then computes rnncap's loss
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     ours = CaptioningModel(V, D, W, H, cell_type="lstm", seed=5)
     ours.params["b"] = rng.standard_normal(4 * H).astype(np.float32)  # distinct gate biases

@@ -11,7 +11,7 @@ pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from rnncap.errors import DataError  # noqa: E402
-from rnncap.images import load_image  # noqa: E402
+from rnncap.data.images import load_image  # noqa: E402
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gradcheck import check_gradients, rel_error
-from rnncap import layers as L
+from rnncap.models import layers as L
 from rnncap.backend import to_device, to_numpy
 
 

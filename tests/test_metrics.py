@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rnncap import metrics
+from rnncap.evaluation import metrics
 from rnncap.errors import DataError
-from rnncap.metrics import coco_metrics, diversity, perplexity, ptb_tokenize
+from rnncap.evaluation.metrics import coco_metrics, diversity, perplexity, ptb_tokenize
 
 JAVA = shutil.which("java")
 needs_java = pytest.mark.skipif(JAVA is None, reason="Java not installed: the toolkit's PTB tokenizer and METEOR need it")
@@ -265,7 +265,7 @@ def _captions(rng, n, T, vocab):
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
-    from rnncap.model import CaptioningModel
+    from rnncap.models.model import CaptioningModel
 
     m = CaptioningModel(17, 4, 3, 5, dtype=np.float64, seed=0)
     m.params["W_vocab"][:] = 0.0  # every word equally likely
@@ -275,8 +275,8 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 
 def test_perplexity_is_per_token_nll():
-    from rnncap.decoding import sequence_log_prob
-    from rnncap.model import CaptioningModel
+    from rnncap.inference.decoding import sequence_log_prob
+    from rnncap.models.model import CaptioningModel
 
     m = CaptioningModel(12, 4, 3, 6, cell_type="lstm", dtype=np.float64, seed=1,
                         label_smoothing=0.2, dropout=0.3)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from gradcheck import check_gradients, rel_error
-from rnncap import layers as L
+from rnncap.models import layers as L
 from rnncap.backend import to_device, to_numpy
-from rnncap.model import CaptioningModel
+from rnncap.models.model import CaptioningModel
 
 NULL, START, END = 0, 1, 2
 CELLS = ["rnn", "lstm"]
@@ -328,9 +328,9 @@ def _one_blas_thread():
 def _adam():
     """The project's Adam when it exists; else a local one with the same contract."""
     try:
-        from rnncap.optim import adam
+        from rnncap.training.optim import adam
         return adam
-    except ImportError:  # pragma: no cover - only before rnncap.optim existed
+    except ImportError:  # pragma: no cover - only before rnncap.training.optim existed
         def adam(w, dw, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
             t = state.get("t", 0) + 1
             m = beta1 * state.get("m", 0.0) + (1 - beta1) * dw

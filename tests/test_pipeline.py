@@ -26,11 +26,11 @@ def test_features_at_train_time_equal_features_at_caption_time(tmp_path):
     """The best-known cause of "the same caption for every image" is a preprocessing
     mismatch between training and captioning. Same image -> the very same features."""
     from rnncap.checkpoint import save_checkpoint
-    from rnncap.encoders import get_encoder
-    from rnncap.features import extract_features, load_features, read_identity, read_pca
-    from rnncap.model import CaptioningModel
-    from rnncap.sample import Captioner
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.encoding.features import extract_features, load_features, read_identity, read_pca
+    from rnncap.models.model import CaptioningModel
+    from rnncap.inference.sample import Captioner
+    from rnncap.data.vocab import Vocab
 
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (90, 90, 90)]
     paths = []
@@ -89,8 +89,8 @@ def test_train_on_real_photos_then_caption_full_size_photos(tmp_path, flickr_sub
     assert len(set(captions)) >= 3, captions  # not the same caption for every photo
 
     # "End properly": the decoder emits <END> rather than running into the length cap.
-    from rnncap.decoding import beam_decode
-    from rnncap.sample import Captioner
+    from rnncap.inference.decoding import beam_decode
+    from rnncap.inference.sample import Captioner
 
     cap = Captioner.from_checkpoint(ckpt)
     ids = beam_decode(cap.model, cap.features(photos), beam_size=3, max_length=cap.max_length,

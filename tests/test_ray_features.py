@@ -1,4 +1,4 @@
-"""Feature extraction on Ray Data (rnncap.ray_features) against the single-process path.
+"""Feature extraction on Ray Data (rnncap.encoding.ray_features) against the single-process path.
 
 All tests share one local cluster of 2 CPUs on 127.0.0.1 (starting one takes seconds).
 """
@@ -19,8 +19,8 @@ import h5py  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rnncap.errors import DataError  # noqa: E402
-from rnncap.features import extract_features, load_features, read_pca  # noqa: E402
-from rnncap.ray_features import connect, extract_features_ray  # noqa: E402
+from rnncap.encoding.features import extract_features, load_features, read_pca  # noqa: E402
+from rnncap.encoding.ray_features import connect, extract_features_ray  # noqa: E402
 
 from test_features import _images  # noqa: E402  (the same small test photos)
 
@@ -52,7 +52,7 @@ class TinyEncoder:
                 "weights_sha256": None}
 
     def preprocess(self, image):
-        from rnncap.images import load_image
+        from rnncap.data.images import load_image
 
         im = load_image(image).resize((8, 8), Image.Resampling.BILINEAR)
         return np.asarray(im, np.float32).transpose(2, 0, 1) / 255

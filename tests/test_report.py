@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from rnncap.report import THUMBNAIL, loss_curve_svg, write_report
+from rnncap.evaluation.report import THUMBNAIL, loss_curve_svg, write_report
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -138,10 +138,10 @@ def test_report_screenshot_is_not_blank(report, tmp_path):
 # ---- evaluate_split and the `rnncap evaluate` command ------------------------------------
 # (they live here because the command's main product is the report)
 
-from rnncap.decoding import beam_decode, greedy_decode  # noqa: E402
-from rnncap.evaluate import evaluate_split  # noqa: E402
-from rnncap.model import CaptioningModel  # noqa: E402
-from rnncap.vocab import Vocab  # noqa: E402
+from rnncap.inference.decoding import beam_decode, greedy_decode  # noqa: E402
+from rnncap.evaluation.evaluate import evaluate_split  # noqa: E402
+from rnncap.models.model import CaptioningModel  # noqa: E402
+from rnncap.data.vocab import Vocab  # noqa: E402
 
 WORDS = ["a", "dog", "cat", "runs", "sits", "on", "grass", "red", "ball", "the"]
 
@@ -170,7 +170,7 @@ def test_evaluate_split_decodes_scores_and_measures():
     assert [per_image[i]["greedy"] for i in ids] == greedy
     assert [per_image[i]["beam"] for i in ids] == beamed and greedy != beamed
     assert results == [{"image_id": i, "caption": c} for i, c in zip(ids, beamed)]
-    from rnncap.metrics import coco_metrics, perplexity
+    from rnncap.evaluation.metrics import coco_metrics, perplexity
 
     want, _ = coco_metrics(dict(zip(ids, refs)), dict(zip(ids, beamed)), java=False)
     for k, v in want.items():
@@ -207,7 +207,7 @@ class TinyEncoder:
                 "weights_sha256": None}
 
     def preprocess(self, image):
-        from rnncap.images import load_image
+        from rnncap.data.images import load_image
 
         im = load_image(image).resize((8, 8))
         return np.asarray(im, np.float32).transpose(2, 0, 1) / 255
@@ -250,8 +250,8 @@ def _evaluate(argv, capsys):
 
 
 def test_evaluate_command_with_a_feature_cache(eval_setup, capsys):
-    from rnncap.datasets import load_dataset
-    from rnncap.features import extract_features
+    from rnncap.data.datasets import load_dataset
+    from rnncap.encoding.features import extract_features
     from rnncap.checkpoint import load_checkpoint
 
     tmp, data, ckpt = eval_setup
@@ -282,23 +282,23 @@ def test_evaluate_command_with_a_feature_cache(eval_setup, capsys):
     assert "<svg" in page and "a red ball on the grass" in page
 
     # the same photos encoded by the checkpoint's encoder give the same numbers
-    import rnncap.encoders
+    import rnncap.encoding.encoders
 
-    orig = rnncap.encoders.get_encoder
+    orig = rnncap.encoding.encoders.get_encoder
     try:
-        rnncap.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
+        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
         rc, out2, err = _evaluate(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp / "eval2"),
                                    "--json", "--no-meteor", "--beam", "2"], capsys)
     finally:
-        rnncap.encoders.get_encoder = orig
+        rnncap.encoding.encoders.get_encoder = orig
     assert rc == 0, err
     assert json.loads(out2) == summary
     assert json.loads((tmp / "eval2" / "results.json").read_text()) == results
 
 
 def test_evaluate_command_table_and_errors(eval_setup, capsys):
-    from rnncap.features import extract_features
-    from rnncap.datasets import load_dataset
+    from rnncap.encoding.features import extract_features
+    from rnncap.data.datasets import load_dataset
 
     tmp, data, ckpt = eval_setup
     split = load_dataset(data)["val"]
@@ -312,15 +312,15 @@ def test_evaluate_command_table_and_errors(eval_setup, capsys):
                               "--out", str(tmp / "e")], capsys)
     assert rc == 2 and "no split 'test'" in err
 
-    import rnncap.encoders
+    import rnncap.encoding.encoders
 
-    orig = rnncap.encoders.get_encoder
+    orig = rnncap.encoding.encoders.get_encoder
     try:
-        rnncap.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
+        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
         rc, out, err = _evaluate(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp / "e"),
                                   "--beam", "1", "--max-images", "2", "--no-meteor"], capsys)
     finally:
-        rnncap.encoders.get_encoder = orig
+        rnncap.encoding.encoders.get_encoder = orig
     assert rc == 0, err
     assert "val: 2 images, greedy decoding" in out
     for label in ("BLEU-4", "METEOR", "CIDEr", "perplexity", "distinct captions", "most common caption"):

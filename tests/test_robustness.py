@@ -12,9 +12,9 @@ from hypothesis import strategies as st  # noqa: E402
 from rnncap.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from rnncap.cli import main  # noqa: E402
 from rnncap.errors import CheckpointError  # noqa: E402
-from rnncap.features import extract_features  # noqa: E402
-from rnncap.model import CaptioningModel  # noqa: E402
-from rnncap.vocab import Vocab  # noqa: E402
+from rnncap.encoding.features import extract_features  # noqa: E402
+from rnncap.models.model import CaptioningModel  # noqa: E402
+from rnncap.data.vocab import Vocab  # noqa: E402
 from test_features import TinyEncoder, _images  # noqa: E402
 
 WORDS = "red green blue dog cat runs sits on grass a the".split()

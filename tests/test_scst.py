@@ -31,7 +31,7 @@ def test_token_weights_of_the_mask_give_the_usual_loss_without_smoothing(cell):
 def test_token_weights_scale_each_position(cell):
     """loss = sum w * -log p / N: from the per-caption log-probabilities of the
     decoders' own ``sequence_log_prob`` (through ``step``, another code path)."""
-    from rnncap.decoding import sequence_log_prob
+    from rnncap.inference.decoding import sequence_log_prob
 
     feats, caps = small_batch(N=4)
     m = small_model(cell)
@@ -67,7 +67,7 @@ def test_token_weight_gradients(cell, dropout):
 def test_token_weights_on_a_sharded_batch_match_one_shard():
     """A batch large enough to be split into shards gives the same loss and
     gradients as the rows one at a time, summed."""
-    from rnncap import model as M
+    from rnncap.models import model as M
 
     feats, caps = small_batch(N=160)
     if len(M._shards(160, np)) < 2:
@@ -95,15 +95,15 @@ def test_token_weights_of_the_wrong_shape_are_refused():
 # ---- the SCST objective ----------------------------------------------------------------
 
 def tiny_vocab(V=11):
-    from rnncap.vocab import Vocab
+    from rnncap.data.vocab import Vocab
 
     return Vocab.from_words(["<NULL>", "<START>", "<END>", "<UNK>"] + [f"w{i}" for i in range(4, V)])
 
 
 def tiny_scorer(vocab, n_images, seed=3):
     """A CIDEr-D scorer over n_images reference sets of random words (with <END>)."""
-    from rnncap.cider import CiderD
-    from rnncap.scst import reward_references
+    from rnncap.evaluation.cider import CiderD
+    from rnncap.training.scst import reward_references
 
     r = np.random.default_rng(seed)
     refs = [[" ".join(r.choice(vocab.idx_to_word[4:], size=int(r.integers(2, 5)))) for _ in range(3)]
@@ -112,7 +112,7 @@ def tiny_scorer(vocab, n_images, seed=3):
 
 
 def objective_for(model, scorer, **kw):
-    from rnncap.scst import ScstObjective
+    from rnncap.training.scst import ScstObjective
 
     return ScstObjective(model, tiny_vocab(), scorer, max_length=6, rng=np.random.default_rng(7), **kw)
 
@@ -127,7 +127,7 @@ def attention_model(seed=0, jitter=0.1):
     """The attention model at the size of ``small_model`` (L=4 locations, A=3), with
     its attention penalty on (the policy gradient must leave it out), moved off its
     initialisation."""
-    from rnncap.attention import AttentionCaptioningModel
+    from rnncap.models.attention import AttentionCaptioningModel
 
     m = AttentionCaptioningModel(11, 6, 4, 5, attention_dim=3, attention_reg=2.0, dtype=np.float64, seed=seed)
     r = np.random.default_rng(seed + 100)
@@ -143,7 +143,7 @@ def test_scst_gradient_is_the_policy_gradient(cell):
     the loss) and b is the leave-one-out mean computed here by hand; the samples and
     rewards are held fixed while the parameters move (centred differences). The
     attention model goes through the same objective (its spatial maps (N, L, D))."""
-    from rnncap.decoding import sequence_log_prob
+    from rnncap.inference.decoding import sequence_log_prob
 
     if cell == "attention":
         m = attention_model()
@@ -213,7 +213,7 @@ class FixedScorer:
 
 
 def test_leave_one_out_and_greedy_baselines():
-    from rnncap.decoding import greedy_decode
+    from rnncap.inference.decoding import greedy_decode
 
     m = small_model("rnn", jitter=0.5)
     feats, _ = small_batch(N=2)
@@ -239,7 +239,7 @@ def test_leave_one_out_and_greedy_baselines():
 
 
 def test_end_is_a_scored_word():
-    from rnncap.scst import reward_references
+    from rnncap.training.scst import reward_references
 
     assert reward_references([["A dog runs.", "a cat"]], "<END>") == [
         [["a", "dog", "runs", "<END>"], ["a", "cat", "<END>"]]]
@@ -250,7 +250,7 @@ def test_end_is_a_scored_word():
 
 
 def test_objective_arguments_are_checked():
-    from rnncap.scst import ScstObjective
+    from rnncap.training.scst import ScstObjective
 
     with pytest.raises(ValueError, match="baseline"):
         ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), baseline="best")
@@ -337,7 +337,7 @@ def test_the_draw_does_not_depend_on_the_thread_count():
     several, the same captions."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rnncap.scst import SAMPLE_GROUP
+    from rnncap.training.scst import SAMPLE_GROUP
 
     m = small_model("lstm", jitter=0.5)
     feats = np.random.default_rng(0).standard_normal((2 * SAMPLE_GROUP + 3, 6))

@@ -25,7 +25,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from rnncap import cli  # noqa: E402
-from rnncap.serve import Limits, create_app, describe_checkpoint  # noqa: E402
+from rnncap.inference.serve import Limits, create_app, describe_checkpoint  # noqa: E402
 
 from servekit import cli_captions, hammer, rss_kb, running_server, serving_in_thread  # noqa: E402
 
@@ -38,7 +38,7 @@ TEST_LIMITS = Limits(max_bytes=1 * MB, max_files=3, max_pixels=4_000_000)
 
 @pytest.fixture(scope="module")
 def captioner(tiny_checkpoint):
-    from rnncap.sample import Captioner
+    from rnncap.inference.sample import Captioner
 
     return Captioner.from_checkpoint(tiny_checkpoint["checkpoint"])
 
@@ -155,7 +155,7 @@ def test_model_health_openapi_and_page(client):
 
 
 def test_the_page_names_no_other_host():
-    static = Path(__file__).resolve().parents[1] / "rnncap" / "static"
+    static = Path(__file__).resolve().parents[1] / "rnncap" / "inference" / "static"
     for f in static.iterdir():
         text = f.read_text(encoding="utf-8")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, f.name
@@ -325,11 +325,11 @@ def test_attention_weights_are_passed_through_per_word(photos):
 def test_a_real_attention_checkpoint_gives_the_maps_of_caption(tmp_path, photos):
     """An (untrained) attention model through the real Captioner: each caption carries
     one 7 x 7 map per word, the maps of Captioner.caption(return_attention=True)."""
-    from rnncap.attention import AttentionCaptioningModel
+    from rnncap.models.attention import AttentionCaptioningModel
     from rnncap.checkpoint import save_checkpoint
-    from rnncap.encoders import get_encoder
-    from rnncap.sample import Captioner
-    from rnncap.vocab import Vocab
+    from rnncap.encoding.encoders import get_encoder
+    from rnncap.inference.sample import Captioner
+    from rnncap.data.vocab import Vocab
 
     vocab = Vocab.build(["a red box on a green mat", "two blue balls"])
     enc = get_encoder(pooling="map")

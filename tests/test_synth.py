@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from rnncap import synth
+from rnncap.data import synth
 from rnncap.errors import DataError
-from rnncap.synth import Group, judge_caption, parse_caption
+from rnncap.data.synth import Group, judge_caption, parse_caption
 
 
 def scenes(n, seed=0, size=64):

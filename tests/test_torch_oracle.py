@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from gradcheck import rel_error
-from rnncap import layers as L
-from rnncap.model import CaptioningModel
+from rnncap.models import layers as L
+from rnncap.models.model import CaptioningModel
 
 torch = pytest.importorskip("torch")
 

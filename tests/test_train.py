@@ -9,13 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from rnncap import optim
+from rnncap.training import optim
 from rnncap.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from rnncap.config import TrainConfig
 from rnncap.errors import CheckpointError, TrainingDiverged
-from rnncap.model import CaptioningModel
-from rnncap.train import Trainer
-from rnncap.vocab import Vocab
+from rnncap.models.model import CaptioningModel
+from rnncap.training.train import Trainer
+from rnncap.data.vocab import Vocab
 
 
 def toy_problem(seed=0, n_images=12, n_caps=30, V=20, D=8, T=6):
@@ -366,7 +366,7 @@ def test_step_stats_reach_the_history_and_the_log(tmp_path):
 
 @pytest.mark.parametrize("average_score,kept", [(0.9, True), (0.4, False)])
 def test_the_average_of_the_best_epochs_is_kept_only_when_val_prefers_it(tmp_path, average_score, kept):
-    from rnncap.train import average_top_epochs, with_params
+    from rnncap.training.train import average_top_epochs, with_params
 
     scores = [0.1, 0.5, 0.3]
     tr, model = scripted_trainer(tmp_path, scores, keep_top=2, epochs=3)
@@ -433,8 +433,8 @@ def test_rnncap_train_keeps_the_best_val_cider_and_records_decoding_defaults(tra
 
 def test_captioner_uses_the_checkpoints_decoding_defaults(tmp_path):
     from rnncap.config import DecodeConfig, decode_config, to_dict
-    from rnncap.decoding import beam_decode, greedy_decode
-    from rnncap.sample import Captioner
+    from rnncap.inference.decoding import beam_decode, greedy_decode
+    from rnncap.inference.sample import Captioner
 
     feats, caps, idx, vocab = toy_problem()
     model = make_model(vocab, dropout=0.0, seed=5)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rnncap.errors import DataError
-from rnncap.vocab import SPECIALS, Vocab, tokenize
+from rnncap.data.vocab import SPECIALS, Vocab, tokenize
 
 
 # ---- tokenize -----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rnncap.layers import rnn_forward, temporal_affine_forward
+from rnncap.models.layers import rnn_forward, temporal_affine_forward
 
 # Column convention, as in the notes.
 W_HX = np.array([[0.5], [-0.3]])             # (H, D) = (2, 1)

@@ -14,7 +14,7 @@ where to look from its previous state.
 Read top to bottom: the class and its parameters, the training pass (the words in and
 out are ``CaptioningModel``'s; ``_recur`` is the attention part, with the doubly
 stochastic penalty), then ``init_state``/``step`` for the decoders. The math of a
-step lives once, in ``rnncap.layers`` (``_attention_cell_forward``), and serves
+step lives once, in ``rnncap.models.layers`` (``_attention_cell_forward``), and serves
 training and every decoder.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ identity and the PCA; a photo goes through the very same path as at training tim
 (``load_image`` -> ``encoder.preprocess``/``encode`` -> ``apply_pca``), then the
 decoder writes the caption.
 
-    from rnncap.sample import Captioner
+    from rnncap.inference.sample import Captioner
     Captioner.from_checkpoint("runs/train/best.npz").caption("photo.jpg")
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import CheckpointError, RnncapError
+from ..errors import CheckpointError, RnncapError
 
 
 class Captioner:
@@ -25,7 +25,7 @@ class Captioner:
     """
 
     def __init__(self, model, vocab, encoder, pca=None, max_length=30, decode=None):
-        from .config import decode_config
+        from ..config import decode_config
 
         self.model, self.vocab, self.encoder, self.pca = model, vocab, encoder, pca
         self.max_length = max_length
@@ -42,8 +42,8 @@ class Captioner:
 
         weights: a weights file for encoders that need one supplied (vgg16).
         """
-        from .checkpoint import load_checkpoint
-        from .encoders import describe_mismatch, get_encoder
+        from ..checkpoint import load_checkpoint
+        from ..encoding.encoders import describe_mismatch, get_encoder
 
         ckpt = load_checkpoint(path, device=device)
         ident = ckpt.encoder
@@ -56,7 +56,7 @@ class Captioner:
         if diff:
             raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
                                   f"available here ({diff})")
-        from .features import transformed_dim
+        from ..encoding.features import transformed_dim
 
         expected = transformed_dim(ckpt.pca, encoder.feature_dim)
         if expected != ckpt.model.input_dim:
@@ -64,7 +64,7 @@ class Captioner:
                                   f"but its encoder and PCA give {expected}-d")
         data_cfg = ckpt.configs.get("data") or {}
         max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
-        from .config import decode_config
+        from ..config import decode_config
 
         return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length,
                    decode=decode_config(ckpt.configs))
@@ -73,8 +73,8 @@ class Captioner:
         """Encoder features (after the feature transform, if any) for a list of paths /
         PIL images: (N, D) float32, or (N, L, D) maps for an attention model, exactly
         as ``rnncap features`` and ``rnncap train`` computed them."""
-        from .features import apply_pca
-        from .images import load_image
+        from ..encoding.features import apply_pca
+        from ..data.images import load_image
 
         feats = self.encoder.encode([load_image(im) for im in images])
         return apply_pca(feats, self.pca) if self.pca is not None else feats
@@ -170,7 +170,7 @@ class Captioner:
 
 
 def add_arguments(p):
-    from .cli import nonneg_float, positive_int
+    from ..cli import nonneg_float, positive_int
 
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
@@ -201,7 +201,7 @@ def attention_paths(out, photos):
 
 def _write_attention_figure(cap, image, path, args):
     """Caption ``image`` and draw its attention figure into ``path``; the caption."""
-    from .report import attention_figure
+    from ..evaluation.report import attention_figure
 
     caption, maps = cap.caption(image, beam=args.beam, max_length=args.max_length,
                                 length_norm=args.length_norm, return_attention=True)
@@ -211,8 +211,8 @@ def _write_attention_figure(cap, image, path, args):
 
 
 def run(args):
-    from .errors import DataError
-    from .images import load_image
+    from ..errors import DataError
+    from ..data.images import load_image
 
     cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
     if args.attention and not cap.attends:

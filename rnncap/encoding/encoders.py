@@ -28,7 +28,7 @@ from functools import partial
 
 import numpy as np
 
-from .errors import CheckpointError, RnncapError
+from ..errors import CheckpointError, RnncapError
 
 ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16")
 DEFAULT_ENCODER = "efficientnet-lite0"
@@ -92,7 +92,7 @@ class Encoder:
     Attributes: ``name``, ``feature_dim`` (D: the size of a feature vector, or of one
     location's vector for map poolings), ``feature_shape`` ((D,) or (L, D)),
     ``image_size`` (S), ``pooling``, ``device``.
-    Images may be anything ``rnncap.images.load_image`` accepts.
+    Images may be anything ``rnncap.data.images.load_image`` accepts.
     """
 
     def __init__(self, spec, net, weights_path, device="cpu", pooling="mean"):
@@ -135,7 +135,7 @@ class Encoder:
         """One image -> float32 array (3, S, S), normalised for the network."""
         from PIL import Image
 
-        from .images import load_image
+        from ..data.images import load_image
 
         im = load_image(image)
         size = (self.image_size, self.image_size)

@@ -30,7 +30,7 @@ import os
 import threading
 import warnings
 
-from .errors import DataError
+from ..errors import DataError
 
 # Pillow's warning threshold (about 89.5 million pixels, a 9,459 x 9,459 image):
 # far above any camera photo we caption, low enough that one decode stays under 300 MB.

@@ -23,8 +23,8 @@ Choices worth knowing:
   released when the captioning job itself ends, so a client that hangs up cannot
   leave orphaned jobs piling up behind the bound.
 - One worker by default: the encoder (torch) and the decoder (NumPy) each use every
-  core already, and the model's BLAS limit is process-wide (rnncap.model).
-- The page is static files in ``rnncap/static`` and loads nothing from elsewhere; a
+  core already, and the model's BLAS limit is process-wide (rnncap.models.model).
+- The page is static files in ``rnncap/inference/static`` and loads nothing from elsewhere; a
   Content-Security-Policy of ``'self'`` makes sure of it. ``/openapi.json`` describes
   the API; Swagger UI and ReDoc are switched off, since FastAPI's pull their assets
   from a CDN and would show a blank page offline.
@@ -44,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, DataError, RnncapError
-from .images import DEFAULT_MAX_PIXELS
+from ..errors import CheckpointError, DataError, RnncapError
+from ..data.images import DEFAULT_MAX_PIXELS
 
 # Where `rnncap demo` (default --out runs/demo) keeps its best model.
 DEMO_CHECKPOINT = os.path.join("runs", "demo", "model", "best.npz")
@@ -300,7 +300,7 @@ async def _read_photos(request, limits):
 def _caption_photos(captioner, photos, kwargs, max_pixels):
     """In a worker thread: decode and caption each photo in turn (so at most one
     full-size decoded photo is held at a time). Returns (results, start, end)."""
-    from .images import load_image
+    from ..data.images import load_image
 
     started = time.perf_counter()
     results = []
@@ -332,7 +332,7 @@ def _ms(seconds):
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -356,7 +356,7 @@ def decoding_defaults(captioner):
 def describe_checkpoint(path):
     """What ``GET /api/model`` says: model type, cell, sizes, encoder, vocabulary,
     training data and the validation metrics stored with the checkpoint."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model_cfg = ckpt.configs.get("model") or {}
@@ -392,7 +392,7 @@ def _val_metrics(ckpt):
 # ---- the command --------------------------------------------------------------------
 
 def add_arguments(p):
-    from .cli import positive_float, positive_int
+    from ..cli import positive_float, positive_int
 
     p.add_argument("--checkpoint",
                    help=f"a checkpoint from `rnncap train` (default: {DEMO_CHECKPOINT}, "

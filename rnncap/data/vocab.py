@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 SPECIALS = ("<NULL>", "<START>", "<END>", "<UNK>")
 NULL_ID, START_ID, END_ID, UNK_ID = range(4)

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from . import layers as L
-from .backend import get_array_module, to_device, to_numpy, xp_for
+from ..backend import get_array_module, to_device, to_numpy, xp_for
 
 CELLS = ("rnn", "lstm")
 
@@ -97,7 +97,7 @@ class CaptioningModel:
         token_weights: None, or (N, T) floats, the weight of each target position
         captions[:, 1:] (any sign; 0 leaves a position out, whatever its word):
         ``loss = sum(w * -log p(target)) / N``, with no label smoothing. This is how a
-        policy gradient (``rnncap.scst``) goes through the model's own backward.
+        policy gradient (``rnncap.training.scst``) goes through the model's own backward.
 
         On the CPU with threadpoolctl installed, NumPy's BLAS runs single-threaded
         here, and a batch large enough is split into shards (up to one per BLAS thread)
@@ -282,7 +282,7 @@ class CaptioningModel:
     def sample(self, features, max_length=30):
         """Greedy captions: (N, max_length) int ids, without <START>, padded with
         <NULL> after <END> (the <END> itself is kept)."""
-        from .decoding import greedy_decode
+        from ..inference.decoding import greedy_decode
 
         return greedy_decode(self, features, max_length=max_length)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import get_array_module
+from ..backend import get_array_module
 
 
 def sgd_momentum(w, dw, state, lr, momentum=0.9):

@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from .errors import DataError, RnncapError
+from ..errors import DataError, RnncapError
 
 FORMAT = "rnncap-features/1"
 
@@ -47,7 +47,7 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
     """Encode images into the cache at ``out_path``, resuming any finished rows.
 
     split_items: {split: (image_ids, image_paths)}, each a list of n entries.
-    encoder:     an ``rnncap.encoders.Encoder`` (``identity``, ``feature_shape``,
+    encoder:     an ``rnncap.encoding.encoders.Encoder`` (``identity``, ``feature_shape``,
                  ``preprocess``, ``encode``).
     pca_dim:     when given, fit a K-dim PCA on the train features and store it.
     workers:     threads that decode and resize images while the network runs.
@@ -246,7 +246,7 @@ def apply_pca(features, pca):
     each step only when its entry is there. This one function serves training,
     evaluation and caption time. Works on NumPy and CuPy arrays.
     """
-    from .backend import get_array_module
+    from ..backend import get_array_module
 
     xp = get_array_module(features)
     mean = xp.asarray(pca["mean"], dtype=xp.float32)
@@ -388,7 +388,7 @@ def feature_info(path):
 # ---- command line -------------------------------------------------------------------
 
 def add_arguments(p):
-    from .cli import positive_int
+    from ..cli import positive_int
     from .encoders import DEFAULT_ENCODER, ENCODERS
 
     p.add_argument("--data", required=True, help="dataset: captions file or folder (see docs/datasets.md)")
@@ -422,7 +422,7 @@ def run(args):
         # machine is shared: measured 76 vs 48 ms of CPU per image on a busy 2-core box.
         # Only read when torch loads; a value the user set wins.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from .datasets import load_dataset
+    from ..data.datasets import load_dataset
     from .encoders import get_encoder
 
     dataset = load_dataset(args.data, image_dir=args.image_dir)

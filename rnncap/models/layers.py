@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from ..backend import get_array_module, to_numpy
 
 
 # ----------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from . import optim
-from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
-from .errors import RnncapError, TrainingDiverged
+from ..config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
+from ..errors import RnncapError, TrainingDiverged
 
 
 class Trainer:
@@ -327,8 +327,8 @@ def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("t
     nothing to apply. Every split goes through ``apply_pca`` with that one transform,
     the function caption time uses too.
     """
-    from .datasets import encode_split
-    from .features import apply_pca, fit_standardizer
+    from ..data.datasets import encode_split
+    from ..encoding.features import apply_pca, fit_standardizer
 
     out, ident, params = {}, None, pca if isinstance(pca, dict) else None
     for name in splits:
@@ -361,8 +361,8 @@ def prepare_data(dataset, vocab, features_path, data_cfg: DataConfig, splits=("t
 def _features_for(path, split_name, split, encoder):
     """Raw rows of the feature cache for a split, in the dataset's image order, the
     cache's encoder identity and its stored PCA (or None)."""
-    from .encoders import describe_mismatch
-    from .features import load_features, read_identity, read_pca
+    from ..encoding.encoders import describe_mismatch
+    from ..encoding.features import load_features, read_identity, read_pca
 
     ident = read_identity(path)
     if encoder is not None:
@@ -380,7 +380,7 @@ def _features_for(path, split_name, split, encoder):
 
 
 def add_arguments(p):
-    from .cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+    from ..cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 
     d = (DataConfig(), ModelConfig(), TrainConfig())
     g = p.add_argument_group("data")
@@ -452,7 +452,7 @@ def add_arguments(p):
     g.add_argument("--length-norm", type=nonneg_float,
                    help=f"beam length normalisation recorded likewise (default "
                         f"{DecodeConfig().length_norm:g}; with --scst: the --init checkpoint's)")
-    g = p.add_argument_group("self-critical training (after cross-entropy; see rnncap.scst)")
+    g = p.add_argument_group("self-critical training (after cross-entropy; see rnncap.training.scst)")
     g.add_argument("--scst", action="store_true",
                    help="fine-tune the --init checkpoint on CIDEr-D with self-critical training")
     g.add_argument("--init", metavar="CKPT", help="with --scst: the cross-entropy checkpoint to start from")
@@ -471,9 +471,9 @@ def add_arguments(p):
 
 
 def run(args):
-    from .checkpoint import load_checkpoint
-    from .datasets import load_dataset
-    from .model import build_model
+    from ..checkpoint import load_checkpoint
+    from ..data.datasets import load_dataset
+    from ..models.model import build_model
 
     if args.weight_decay < 0 or args.clip < 0:
         raise RnncapError("--weight-decay and --clip must be >= 0")
@@ -574,7 +574,7 @@ def run(args):
         pca_params = pca_params if pca_params is not None else ckpt.pca
 
     def checkpoint_fn(path, state, params=None):
-        from .checkpoint import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         save_checkpoint(path, model if params is None else with_params(model, params), vocab,
                         encoder=encoder, pca=pca_params, configs=configs,
@@ -637,11 +637,11 @@ def cider_val_fn(vocab, features, references, max_length, beam=1, length_norm=0.
     """A ``Trainer`` val_fn: {"val_cider": CIDEr-D of the model's captions of the val
     images (greedy, or beam search of size ``beam``) against all their references,
     document frequencies from those references}: the COCO toolkit's CIDEr-D
-    (``rnncap.cider``), with rnncap's tokenizer on both sides. Images without a
+    (``rnncap.evaluation.cider``), with rnncap's tokenizer on both sides. Images without a
     reference are left out."""
-    from .cider import cider_d
-    from .sample import Captioner
-    from .vocab import tokenize
+    from ..evaluation.cider import cider_d
+    from ..inference.sample import Captioner
+    from ..data.vocab import tokenize
 
     keep = [i for i, refs in enumerate(references) if refs]
     feats = features[keep]
@@ -670,7 +670,7 @@ def average_top_epochs(trainer, model, val_fn, checkpoint_fn, log=None):
     epoch, it becomes best.npz (``checkpoint_fn(path, state, params)``) and
     ``trainer.best`` records the epochs averaged. Returns its score, or None when
     there was nothing to average."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     log = log or trainer.log
     epochs = sorted(e for e, _ in trainer.top)
@@ -709,7 +709,7 @@ def _check_feature_kind(model, feats, path):
 
 def dataset_vocab(dataset, data_cfg):
     """The dataset's own vocabulary (cs231n ships one), else one built from train."""
-    from .vocab import Vocab
+    from ..data.vocab import Vocab
 
     if dataset.vocab is not None:
         return dataset.vocab

@@ -24,7 +24,7 @@ from collections import Counter
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 

@@ -170,7 +170,7 @@ def attention_figure(image, words, maps, panel=176, columns=6):
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from .images import load_image
+    from ..data.images import load_image
 
     photo = load_image(image).resize((panel, panel), Image.Resampling.BICUBIC)
     base = np.asarray(photo, dtype=np.float32) / 255.0

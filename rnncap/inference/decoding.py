@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 
 def _without(scores, banned, xp):

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from .errors import RnncapError
+from ..errors import RnncapError
 
 DATASETS = {
     "coco-cs231n": {

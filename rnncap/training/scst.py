@@ -15,11 +15,11 @@ the reward of the image's greedy caption (Rennie et al.'s own baseline).
 
 Read top to bottom: the rewards' references; ``ScstObjective``, which wraps a captioner
 in the model contract (``params``, ``loss(X, y)``; y are image rows, not captions) so
-that the generic ``rnncap.train.Trainer`` runs the stage unchanged; then the stage
+that the generic ``rnncap.training.train.Trainer`` runs the stage unchanged; then the stage
 behind ``rnncap train --scst --init CKPT``.
 
 The objective touches the model only through ``init_state``/``step`` (by way of
-``rnncap.decoding``) and ``loss(..., token_weights=...)``, so it works for every model
+``rnncap.inference.decoding``) and ``loss(..., token_weights=...)``, so it works for every model
 with the contract (the RNN, the LSTM, the attention model).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .errors import RnncapError
+from ..errors import RnncapError
 
 BASELINES = ("mean", "greedy")
 SAMPLE_GROUP = 16  # images whose captions one generator draws; groups run side by side
@@ -39,7 +39,7 @@ SAMPLE_GROUP = 16  # images whose captions one generator draws; groups run side 
 def reward_references(references, end_token):
     """Each image's reference strings as token lists ending in ``end_token``: the
     reference sets rewards are scored against (and take document frequencies from)."""
-    from .vocab import tokenize
+    from ..data.vocab import tokenize
 
     return [[tokenize(r) + [end_token] for r in refs] for refs in references]
 
@@ -95,7 +95,7 @@ class ScstObjective:
     def loss(self, features, images, train=True):
         """(loss, grads) of the policy gradient on N images (see the class docstring).
         ``train`` is accepted for the contract; the loss never uses dropout."""
-        from .decoding import greedy_decode
+        from ..inference.decoding import greedy_decode
 
         model, K = self.model, self.samples
         images = np.asarray(images, dtype=np.int64).reshape(-1)
@@ -134,7 +134,7 @@ class ScstObjective:
         features (rows n*K .. n*K+K-1 of image n), laid out like ``sample_decode``'s."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from .decoding import sample_decode
+        from ..inference.decoding import sample_decode
 
         rows = SAMPLE_GROUP * self.samples
         groups = [slice(a, a + rows) for a in range(0, len(repeated), rows)]
@@ -180,9 +180,9 @@ def run(args, ckpt, ckpt_path, resume):
     the epoch with the best val CIDEr; the starting model is epoch 0, so best.npz is
     never worse on val than where the stage began.
     """
-    from .config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
-    from .cider import CiderD
-    from .datasets import load_dataset
+    from ..config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
+    from ..evaluation.cider import CiderD
+    from ..data.datasets import load_dataset
     from .train import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
                         cider_val_fn, given_or_default, prepare_data, with_params)
 
@@ -245,7 +245,7 @@ def run(args, ckpt, ckpt_path, resume):
                "decode": to_dict(decode_cfg)}
 
     def checkpoint_fn(path, state, params=None):
-        from .checkpoint import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         saved = model if params is None else with_params(model, params)
         train_state = {k: v for k, v in state.items() if k != "history"}

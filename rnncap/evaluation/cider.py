@@ -45,7 +45,7 @@ from itertools import chain, count
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 N_ORDERS = 4        # pycocoevalcap always cooks 1..4-grams (its n argument cannot change it)
 SIGMA = 6.0

@@ -4,7 +4,7 @@
 
 ``evaluate_split`` is the reusable core (the demo and the experiments call it): it
 decodes every image greedily and with beam search, scores the beam captions against
-all references with the COCO toolkit (``rnncap.metrics``) and measures their
+all references with the COCO toolkit (``rnncap.evaluation.metrics``) and measures their
 diversity and the model's perplexity on the references. The command adds the data
 plumbing (dataset, features, checkpoint) and writes, into --out:
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, DataError
+from ..errors import CheckpointError, DataError
 
 DIVERSITY_LABELS = {
     "distinct_captions": "distinct captions",
@@ -42,7 +42,7 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     N lists of reference strings). beam: beam size for the scored captions (1 =
     greedy). captions/image_idx: encoded reference captions (M, T+1) and their image
     rows, for the perplexity (left out when None). java/meteor: as in
-    ``rnncap.metrics.coco_metrics``.
+    ``rnncap.evaluation.metrics.coco_metrics``.
 
     Returns (summary, per_image, results):
       summary    the COCO metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; 0-1 scale), the
@@ -51,7 +51,7 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
       per_image  {image_id: {"greedy", "beam", "references", "scores"}};
       results    the COCO results list [{"image_id", "caption"}] of the scored captions.
     """
-    from .decoding import beam_decode, greedy_decode
+    from ..inference.decoding import beam_decode, greedy_decode
     from .metrics import coco_metrics, diversity, perplexity
 
     image_ids = list(image_ids)
@@ -124,7 +124,7 @@ def format_summary(summary):
 # ---- the command ---------------------------------------------------------------------
 
 def add_arguments(p):
-    from .cli import nonneg_float, nonneg_int, positive_int
+    from ..cli import nonneg_float, nonneg_int, positive_int
 
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
     p.add_argument("--data", required=True, help="dataset file or folder (any supported format)")
@@ -149,11 +149,11 @@ def add_arguments(p):
 
 
 def run(args):
-    from .checkpoint import load_checkpoint
-    from .datasets import encode_split, load_dataset
+    from ..checkpoint import load_checkpoint
+    from ..data.datasets import encode_split, load_dataset
     from .report import write_report
 
-    from .config import decode_config
+    from ..config import decode_config
 
     ckpt = load_checkpoint(args.checkpoint)
     model, vocab = ckpt.model, ckpt.vocab
@@ -227,8 +227,8 @@ def run(args):
 
 def _add_attention_figures(items, model, vocab, features, beam, max_length, length_norm):
     """Each report item of an attention model gets the figure of its scored caption:
-    the photo and where each word looked (``rnncap.report.attention_figure``)."""
-    from .decoding import beam_search
+    the photo and where each word looked (``rnncap.evaluation.report.attention_figure``)."""
+    from ..inference.decoding import beam_search
     from .report import attention_figure
 
     hyps = beam_search(model, features, beam_size=beam, max_length=max_length, length_norm=length_norm,
@@ -251,7 +251,7 @@ def _split_features(args, ckpt, dataset, split, n):
         feats = np.asarray(split.features[:n], dtype=np.float32)
         if feats.shape[1] != ckpt.model.input_dim and dataset.name == "coco-cs231n":
             # Loaded with its 512-d PCA; the model may have been trained on raw fc7.
-            from .datasets import load_dataset
+            from ..data.datasets import load_dataset
 
             fc7 = load_dataset(args.data, pca=False)[args.split]
             feats = np.asarray(fc7.features[:n], dtype=np.float32)
@@ -264,7 +264,7 @@ def _split_features(args, ckpt, dataset, split, n):
     paths = split.image_paths[:n]
     if any(p is None for p in paths):
         raise DataError(f"{args.data}: split '{args.split}' has no image files to encode; pass --features")
-    from .sample import Captioner
+    from ..inference.sample import Captioner
 
     cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
     rows = [np.asarray(cap.features(paths[i:i + 32]), dtype=np.float32) for i in range(0, n, 32)]
@@ -272,8 +272,8 @@ def _split_features(args, ckpt, dataset, split, n):
 
 
 def _cached_features(path, split_name, image_ids, ckpt, ckpt_path):
-    from .encoders import describe_mismatch
-    from .features import apply_pca, load_features, read_identity
+    from ..encoding.encoders import describe_mismatch
+    from ..encoding.features import apply_pca, load_features, read_identity
 
     if ckpt.encoder:
         diff = describe_mismatch(ckpt.encoder, read_identity(path))

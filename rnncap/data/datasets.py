@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .vocab import END_ID, NULL_ID, START_ID, UNK_ID, Vocab, read_json
 
 SPLIT_ORDER = ("train", "val", "test")

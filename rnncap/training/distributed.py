@@ -44,7 +44,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import RnncapError
+from ..errors import RnncapError
 
 
 class PeerLost(RnncapError):
@@ -131,7 +131,7 @@ def init_from_env(device="cpu", timeout_s=1800):
 
     backend = "gloo"
     if device != "cpu":
-        from .backend import xp_for
+        from ..backend import xp_for
 
         cp = xp_for(device)  # raises DeviceUnavailable without CuPy and a GPU
         cp.cuda.Device(int(os.environ.get("LOCAL_RANK", 0))).use()

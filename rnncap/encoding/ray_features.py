@@ -1,6 +1,6 @@
 """Feature extraction on Ray Data: ``rnncap features ... --ray [ADDRESS]``.
 
-The same HDF5 cache as ``rnncap.features`` (same layout, same resume, same PCA), with
+The same HDF5 cache as ``rnncap.encoding.features`` (same layout, same resume, same PCA), with
 the images read and encoded by a Ray cluster, this machine alone or many:
 
     rows not yet done --from_arrow--> read + preprocess (tasks: decode, resize, normalise)
@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .errors import DataError, RnncapError
+from ..errors import DataError, RnncapError
 
 
 # ---- the cluster -------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class _EncoderActor:
 def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, progress=True,
                          pca_dim=None, dataset=None, whiten=False, actors=None, gpus_per_actor=0,
                          rows_per_block=None, stats=None, encoder=None):
-    """``rnncap.features.extract_features`` with Ray Data reading and encoding.
+    """``rnncap.encoding.features.extract_features`` with Ray Data reading and encoding.
 
     make_encoder(device=...) -> encoder: picklable; it runs once on this process (for
         the identity) and once per Ray worker process.

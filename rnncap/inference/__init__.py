@@ -1,0 +1,1 @@
+"""Stage 5, inference: the decoders (greedy, sampling, beam search), the Captioner behind `rnncap caption`, and `rnncap serve`."""
