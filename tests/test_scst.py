@@ -320,6 +320,24 @@ def test_scst_keeps_the_start_when_no_epoch_beats_it(xe_checkpoint):
             assert np.array_equal(best.model.params[k], last.model.params[k]), k
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_scst_temperature_starts_from_the_sharpened_softmax(xe_checkpoint, temperature):
+    """--temperature T: the policy starts as softmax(scores / T), the output layer
+    divided by T (an update too small to move anything shows the start); recorded."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.cli import main
+
+    tmp, init = xe_checkpoint
+    out = tmp / f"t{temperature}"
+    assert main(["train", "--scst", "--init", str(init), "--out", str(out), "--epochs", "1",
+                 "--batch-size", "4", "--lr", "1e-9", "--temperature", str(temperature), "--quiet"]) == 0
+    start, last = load_checkpoint(init).model.params, load_checkpoint(out / "last.npz")
+    assert last.configs["train"]["temperature"] == temperature
+    for k, v in start.items():
+        want = v / temperature if k in ("W_vocab", "b_vocab") else v
+        np.testing.assert_allclose(last.model.params[k], want, rtol=0, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--scst"], "--init"),
     (["--scst", "--init", "x.npz", "--resume", "y.npz"], "--resume alone"),

@@ -169,7 +169,7 @@ class ScstObjective:
 # for ~100k updates; the 15-minute budget here allows ~1,000 (4 epochs of 240), where
 # 5e-5 moved val CIDEr by +0.006 and 5e-4 by +0.037 (beam 3); larger or decayed rates
 # did no better.
-STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4}
+STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4, "temperature": 1.0}
 
 
 def run(args, ckpt, ckpt_path, resume):
@@ -226,6 +226,11 @@ def run(args, ckpt, ckpt_path, resume):
         model.to(train_cfg.device)
     encoder = encoder or ckpt.encoder
     transform = transform if transform is not None else ckpt.pca
+    if not resume and train_cfg.temperature != 1.0:
+        # The starting policy softmax(scores / T), folded into the output layer so that
+        # the model stays one of its kind: greedy captions are the same, samples surer.
+        for key in ("W_vocab", "b_vocab"):
+            model.params[key] = model.params[key] / train_cfg.temperature
 
     train_refs = reward_references(dataset.splits["train"].references, vocab.idx_to_word[vocab.end_id])
     if any(not refs for refs in train_refs):

@@ -461,6 +461,10 @@ def add_arguments(p):
     g.add_argument("--baseline", choices=["mean", "greedy"], default=d[2].baseline,
                    help="a sample's baseline: the mean reward of the image's other samples, or the "
                         "reward of its greedy caption (default %(default)s)")
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="the policy starts as the --init model's softmax at this temperature: its "
+                        "output layer is divided by it, so greedy captions are unchanged and samples "
+                        f"are surer below 1 (default {s['temperature']:g})")
     p.add_argument("--out", help="output folder (default: runs/train, or the folder of --resume's checkpoint)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
