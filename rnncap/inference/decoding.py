@@ -114,11 +114,16 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
         if 0 < top_k < V:
             kth = -xp.partition(-scores, top_k - 1, axis=1)[:, top_k - 1:top_k]
             scores = xp.where(scores >= kth, scores, -xp.inf)
-        if temperature > 0:
-            # Gumbel-max: argmax(s / T + g) with g ~ Gumbel(0, 1) is an exact draw
-            # from softmax(s / T), with no probabilities to normalise.
-            scores = scores / temperature + xp.asarray(rng.gumbel(size=(N, V)))
-        return scores.argmax(axis=1)
+        if temperature == 0:
+            return scores.argmax(axis=1)
+        # Inverse CDF: the first word whose cumulative (unnormalised) probability
+        # exceeds u * total, u ~ U[0, 1) drawn on the host. One uniform per row: half
+        # the time of the Gumbel-max trick's V noise draws, which SCST feels.
+        z = scores / temperature
+        p = xp.exp(z - z.max(axis=1, keepdims=True))
+        cdf = xp.cumsum(p, axis=1)
+        u = xp.asarray(rng.random(N)) * cdf[:, -1]
+        return (cdf <= u[:, None]).sum(axis=1)
 
     return _decode_word_by_word(model, features, max_length, choose)
 
