@@ -56,7 +56,7 @@ class TrainConfig:
     init: str = ""                   # scst: the checkpoint the stage started from
     samples: int = 5                 # scst: captions drawn per image
     baseline: str = "mean"           # scst: "mean" or "greedy"
-    temperature: float = 1.0         # scst: the starting policy is the --init model's softmax at this temperature
+    temperature: float = 1.0         # scst: the policy starts as the --init model's softmax at this temperature
 
 
 @dataclass

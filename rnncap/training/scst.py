@@ -13,6 +13,11 @@ with the baseline b of a sample the mean reward of the image's other K - 1 sampl
 (Luo 2020, "A better variant of self-critical sequence training"), or, as an option,
 the reward of the image's greedy caption (Rennie et al.'s own baseline).
 
+The policy starts as the cross-entropy model's softmax at a temperature T (default
+0.5): the output layer is divided by T once, at the start, so the model stays a model
+of its kind, its greedy captions are unchanged, and its samples are surer; from then on
+every caption is drawn from the model's own softmax.
+
 Read top to bottom: the rewards' references; ``ScstObjective``, which wraps a captioner
 in the model contract (``params``, ``loss(X, y)``; y are image rows, not captions) so
 that the generic ``rnncap.training.train.Trainer`` runs the stage unchanged; then the stage
@@ -168,8 +173,11 @@ class ScstObjective:
 # on Flickr8k val from the default h0 LSTM (docs/results.md). The literature's 5e-5 is
 # for ~100k updates; the 15-minute budget here allows ~1,000 (4 epochs of 240), where
 # 5e-5 moved val CIDEr by +0.006 and 5e-4 by +0.037 (beam 3); larger or decayed rates
-# did no better.
-STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4, "temperature": 1.0}
+# did no better. A cross-entropy model trained with label smoothing and dropout has a
+# flat softmax: its samples score a third of its greedy captions' CIDEr-D, and the few
+# updates went on sharpening it. Starting from its softmax at temperature 0.5 (greedy
+# captions unchanged) raised the gain to +0.052.
+STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4, "temperature": 0.5}
 
 
 def run(args, ckpt, ckpt_path, resume):
