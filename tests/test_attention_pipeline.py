@@ -146,6 +146,26 @@ def test_attention_model_trains_captions_and_draws_its_maps(attention_run, tmp_p
 
 
 @pytest.mark.flickr8k
+def test_self_critical_stage_runs_on_the_attention_model(attention_run, tmp_path):
+    """`rnncap train --scst` from an attention checkpoint: two updates, the attention
+    model's own stage defaults recorded (temperature 1, 3 epochs), parameters moved, and
+    the result still an attention model that captions."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.models.attention import AttentionCaptioningModel
+
+    data, maps, out = attention_run
+    scst = tmp_path / "scst"
+    assert main(["train", "--scst", "--init", str(out / "last.npz"), "--out", str(scst),
+                 "--batch-size", "10", "--max-iters", "2", "--quiet"]) == 0
+    start, ckpt = load_checkpoint(out / "last.npz"), load_checkpoint(scst / "last.npz")
+    train = ckpt.configs["train"]
+    assert train["stage"] == "scst" and train["temperature"] == 1.0 and train["epochs"] == 3
+    assert isinstance(ckpt.model, AttentionCaptioningModel) and ckpt.train_state["iteration"] == 2
+    assert not np.array_equal(ckpt.model.params["W_att"], start.model.params["W_att"])
+    assert len(ckpt.history["train_reward"]) == 2 and (scst / "best.npz").exists()
+
+
+@pytest.mark.flickr8k
 def test_evaluate_report_shows_the_attention_maps(attention_run, tmp_path):
     data, maps, out = attention_run
     ev = tmp_path / "eval"

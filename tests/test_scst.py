@@ -293,6 +293,7 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
 
     train = a.configs["train"]
     assert train["stage"] == "scst" and train["init"] == str(init) and train["samples"] == 3
+    assert train["temperature"] == 0.5  # the h0 models' default
     start = load_checkpoint(init)
     # decoding defaults: --beam as given, the length normalisation of --init
     assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}

@@ -413,7 +413,7 @@ def add_arguments(p):
                    help="lambda of the doubly stochastic attention penalty (default %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
-    from .scst import STAGE_DEFAULTS as s
+    from .scst import STAGE_DEFAULTS as s, stage_defaults
 
     g.add_argument("--lr", type=positive_float, help=f"(default {d[2].lr:g}; {s['lr']:g} with --scst)")
     g.add_argument("--lr-decay", type=positive_float,
@@ -427,7 +427,8 @@ def add_arguments(p):
                    help=f"captions per update (default {d[2].batch_size}); with --scst, images "
                         f"(default {s['batch_size']})")
     g.add_argument("--epochs", type=positive_int,
-                   help=f"(default {d[2].epochs}; {s['epochs']} with --scst); with --resume: "
+                   help=f"(default {d[2].epochs}; {s['epochs']} with --scst, "
+                        f"{stage_defaults('attention')['epochs']} for attention models); with --resume: "
                         f"train until this many epochs in all")
     g.add_argument("--max-iters", type=nonneg_int, default=0, help="stop after this many updates in total")
     g.add_argument("--checkpoint-every", type=nonneg_int, default=0,
@@ -464,7 +465,8 @@ def add_arguments(p):
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="the policy starts as the --init model's softmax at this temperature: its "
                         "output layer is divided by it, so greedy captions are unchanged and samples "
-                        f"are surer below 1 (default {s['temperature']:g})")
+                        f"are surer below 1 (default {stage_defaults('h0')['temperature']:g} for h0, "
+                        f"{stage_defaults('attention')['temperature']:g} for attention models)")
     p.add_argument("--out", help="output folder (default: runs/train, or the folder of --resume's checkpoint)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
