@@ -210,7 +210,7 @@ def run(args):
                                                  indent=1, ensure_ascii=False), encoding="utf-8")
     items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}
              for k in rows[:args.report_images]]
-    if items and hasattr(model, "attention_dim"):
+    if hasattr(model, "attention_dim"):
         _add_attention_figures(items, model, vocab, features[rows[:args.report_images]], beam,
                                max_length, length_norm)
     title = f"rnncap evaluate: {Path(args.checkpoint).name} on {args.split} ({len(rows)} images)"

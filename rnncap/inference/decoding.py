@@ -51,7 +51,7 @@ def _decode_word_by_word(model, features, max_length, choose, attention=False):
     out = np.full((N, max_length), model.null_id, dtype=np.int64)
     done = np.zeros(N, dtype=bool)
     alphas = np.zeros((N, max_length, state.alpha.shape[1]), np.float32) if attention else None
-    for t in range(max_length if N else 0):  # no images: nothing to step (attention needs one)
+    for t in range(max_length):
         scores, state = model.step(words, state)
         words = choose(scores)
         w = to_numpy(words)
@@ -190,7 +190,7 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
     k = int(beam_size)
     state = model.init_state(features)
     N = state[0].shape[0]
-    if N == 0:
+    if N == 0:  # nothing to search (its reshapes need an image)
         return []
     # rows n*k .. n*k+k-1 are image n
     state = _select_state(model, state, xp.repeat(xp.arange(N), k))

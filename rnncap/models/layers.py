@@ -553,9 +553,9 @@ def soft_attention_forward(q, proj, a, w):
     xp = get_array_module(q, proj, a, w)
     M, Lc, A = proj.shape
     n = q.shape[0]
-    if M == 0 or n % M:
+    if (n % M if M else n):
         raise ValueError(f"{n} queries cannot be grouped over {M} images")
-    k = n // M
+    k = n // M if M else 1  # no images, no queries: an empty batch
     pre = proj[:, None, :, :] + q.reshape(M, k, 1, A)       # (M, k, L, A)
     xp.tanh(pre, out=pre)
     e = pre @ w                                              # (M, k, L)

@@ -215,14 +215,14 @@ def run(args, ckpt, ckpt_path, resume):
             if getattr(args, key, None):
                 setattr(train_cfg, key, getattr(args, key))
     else:
+        defaults = stage_defaults(model_cfg.model)
         train_cfg = TrainConfig(
             optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
             clip_norm=args.clip, seed=args.seed, checkpoint_every=args.checkpoint_every,
             max_iters=args.max_iters, device=args.device, stage="scst", init=str(ckpt_path),
             samples=args.samples, baseline=args.baseline, average=args.average,
             select_beam=args.select_beam,
-            **given_or_default(args, stage_defaults(model_cfg.model).keys(),
-                               SimpleNamespace(**stage_defaults(model_cfg.model))))
+            **given_or_default(args, defaults, SimpleNamespace(**defaults)))
         decode_cfg = DecodeConfig(**given_or_default(args, ("beam_size", "length_norm"), decode_cfg,
                                                      {"beam_size": "beam"}))
     if args.data:
