@@ -14,9 +14,10 @@ with the baseline b of a sample the mean reward of the image's other K - 1 sampl
 the reward of the image's greedy caption (Rennie et al.'s own baseline).
 
 The policy starts as the cross-entropy model's softmax at a temperature T (default
-0.5 for the h0 models, 1 for the attention model, as val chose): the output layer is divided by T once, at the start, so the model stays a model
-of its kind, its greedy captions are unchanged, and its samples are surer; from then on
-every caption is drawn from the model's own softmax.
+0.5 for the h0 models, 1 for the attention model, as val chose): the output layer is
+divided by T once, at the start, so the model stays a model of its kind, its greedy
+captions are unchanged, and its samples are surer; from then on every caption is drawn
+from the model's own softmax.
 
 Read top to bottom: the rewards' references; ``ScstObjective``, which wraps a captioner
 in the model contract (``params``, ``loss(X, y)``; y are image rows, not captions) so
