@@ -57,6 +57,7 @@ class TrainConfig:
     samples: int = 5                 # scst: captions drawn per image
     baseline: str = "mean"           # scst: "mean" or "greedy"
     temperature: float = 1.0         # scst: the policy starts as the --init model's softmax at this temperature
+    sample_dropout: float = 0.0      # scst: dropout while drawing captions (the same masks in the loss); 0 = off
 
 
 @dataclass

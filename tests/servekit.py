@@ -91,7 +91,8 @@ def running_server(checkpoint, *extra, timeout=120):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines, url = [], None
     errs = []
-    threading.Thread(target=lambda: errs.extend(proc.stderr), daemon=True).start()
+    readers = [threading.Thread(target=lambda: errs.extend(proc.stderr), daemon=True)]
+    readers[0].start()
     deadline = time.monotonic() + timeout
     try:
         for line in proc.stdout:
@@ -105,7 +106,8 @@ def running_server(checkpoint, *extra, timeout=120):
         if url is None:
             proc.kill()
             raise AssertionError(f"the server printed no URL: {''.join(lines)}{''.join(errs)}")
-        threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+        readers.append(threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True))
+        readers[-1].start()
         yield proc, url, lines, errs
     finally:
         if proc.poll() is None:
@@ -115,6 +117,12 @@ def running_server(checkpoint, *extra, timeout=120):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        # The pipes reach their end with the process; close them once read (no
+        # ResourceWarning for a test that stopped the server itself).
+        for reader in readers:
+            reader.join(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def rss_kb(pid):

@@ -136,13 +136,16 @@ def attention_model(seed=0, jitter=0.1):
     return m
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "attention"])
-def test_scst_gradient_is_the_policy_gradient(cell):
+def test_scst_gradient_is_the_policy_gradient(cell, dropout):
     """grads of the objective = d/dparams of -mean_samples (r - b) log p(sample), where
     log p comes from ``sequence_log_prob`` (through ``step``: another code path than
     the loss) and b is the leave-one-out mean computed here by hand; the samples and
     rewards are held fixed while the parameters move (centred differences). The
-    attention model goes through the same objective (its spatial maps (N, L, D))."""
+    attention model goes through the same objective (its spatial maps (N, L, D)).
+    With dropout while sampling, log p is that of the masks the captions were drawn
+    with, applied by ``step``."""
     from rnncap.inference.decoding import sequence_log_prob
 
     if cell == "attention":
@@ -152,12 +155,17 @@ def test_scst_gradient_is_the_policy_gradient(cell):
         m = small_model(cell)
         feats, _ = small_batch(N=3)
     scorer, _ = tiny_scorer(tiny_vocab(), 3)
-    obj = objective_for(m, scorer, samples=4)
+    obj = objective_for(m, scorer, samples=4, dropout=dropout)
     images = np.array([2, 0, 1])
     state = obj.rng.bit_generator.state
     loss, grads = obj.loss(feats, images)
 
-    ids = redraw(obj, feats, state)
+    ids, masks = redraw(obj, feats, state)
+    if dropout:
+        assert masks[0].shape == (12, 6, m.wordvec_dim) and masks[1].shape == (12, 6, m.hidden_dim)
+        assert 0.2 < (masks[1] == 0).mean() < 0.6
+    else:
+        assert masks is None
     rewards = scorer.score(obj.tokens(ids, obj.lengths(ids)), np.repeat(images, 4)).reshape(3, 4)
     base = np.array([[np.mean(np.delete(row, k)) for k in range(4)] for row in rewards])
     adv = (rewards - base).reshape(-1)
@@ -166,7 +174,7 @@ def test_scst_gradient_is_the_policy_gradient(cell):
     rep = np.repeat(feats, 4, axis=0)
 
     def surrogate():
-        return -(adv * sequence_log_prob(m, rep, ids)).sum() / len(ids)
+        return -(adv * sequence_log_prob(m, rep, ids, masks=masks)).sum() / len(ids)
 
     assert loss == pytest.approx(surrogate(), rel=1e-9)
     check_gradients(surrogate, m.params, grads)
@@ -189,7 +197,7 @@ def test_scst_weights_cover_the_words_up_to_end_and_nothing_after():
     m.loss = spy
     state = obj.rng.bit_generator.state
     obj.loss(feats, np.array([0, 1]))
-    ids = redraw(obj, feats, state)
+    ids, _ = redraw(obj, feats, state)
     caps, w = seen["captions"], seen["weights"]
     assert seen["train"] is False  # the samples were drawn without dropout
     assert (caps[:, 0] == START).all() and np.array_equal(caps[:, 1:], ids)
@@ -256,6 +264,8 @@ def test_objective_arguments_are_checked():
         ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), baseline="best")
     with pytest.raises(ValueError, match="at least 2 samples"):
         ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), samples=1)
+    with pytest.raises(ValueError, match="dropout"):
+        ScstObjective(small_model("rnn"), tiny_vocab(), FixedScorer(), dropout=1.0)
 
 
 # ---- the stage through `rnncap train --scst` ------------------------------------------
@@ -352,9 +362,10 @@ def test_scst_command_errors_are_one_line(argv, needle, capsys):
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_the_draw_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_the_draw_does_not_depend_on_the_thread_count(dropout):
     """Groups of SAMPLE_GROUP images, each from its own generator: one worker thread or
-    several, the same captions."""
+    several, the same captions (and the same dropout masks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rnncap.training.scst import SAMPLE_GROUP
@@ -362,10 +373,13 @@ def test_the_draw_does_not_depend_on_the_thread_count():
     m = small_model("lstm", jitter=0.5)
     feats = np.random.default_rng(0).standard_normal((2 * SAMPLE_GROUP + 3, 6))
     scorer, _ = tiny_scorer(tiny_vocab(), 2)
-    a, b = objective_for(m, scorer, samples=2), objective_for(m, scorer, samples=2)
+    a, b = (objective_for(m, scorer, samples=2, dropout=dropout) for _ in range(2))
     b._pool = ThreadPoolExecutor(1)
     rep = np.repeat(feats, 2, axis=0)
-    ids_a, ids_b = a.draw(rep), b.draw(rep)
+    (ids_a, masks_a), (ids_b, masks_b) = a.draw(rep), b.draw(rep)
     assert ids_a.shape == (len(rep), 6) and np.array_equal(ids_a, ids_b)
+    if dropout:
+        assert all(np.array_equal(x, y) for x, y in zip(masks_a, masks_b))
+        assert masks_a[1].shape == (len(rep), 6, m.hidden_dim)
     assert len({tuple(r) for r in ids_a}) > len(rep) // 2  # draws, not one caption repeated
     assert a.rng.bit_generator.state == b.rng.bit_generator.state

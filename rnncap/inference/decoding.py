@@ -34,9 +34,18 @@ def _without(scores, banned, xp):
     return scores
 
 
-def _decode_word_by_word(model, features, max_length, choose, attention=False):
+def _step(model, words, state, masks, t):
+    """``model.step`` at step t, with step t's slices of the dropout masks if any."""
+    if masks is None:
+        return model.step(words, state)
+    return model.step(words, state, masks=tuple(m if m is None else m[:, t] for m in masks))
+
+
+def _decode_word_by_word(model, features, max_length, choose, attention=False, masks=None):
     """The loop greedy decoding and sampling share: feed <START>, let ``choose(scores)``
-    pick each next word (N,), stop once every caption has said <END>.
+    pick each next word (N,), stop once every caption has said <END>. ``masks``: None,
+    or dropout masks (mask_x (N, max_length, W), mask_h (N, max_length, H)), step t's
+    slices passed to ``model.step``.
 
     Returns (N, max_length) int64 host ids, <NULL> after each caption's <END>; with
     ``attention`` (an attention model) also (N, max_length, L) host float32: where
@@ -52,7 +61,7 @@ def _decode_word_by_word(model, features, max_length, choose, attention=False):
     done = np.zeros(N, dtype=bool)
     alphas = np.zeros((N, max_length, state.alpha.shape[1]), np.float32) if attention else None
     for t in range(max_length):
-        scores, state = model.step(words, state)
+        scores, state = _step(model, words, state, masks, t)
         words = choose(scores)
         w = to_numpy(words)
         out[:, t] = np.where(done, model.null_id, w)
@@ -91,13 +100,16 @@ def _in_shards(model, fn, features):
     return in_shards(fn, features) if in_shards is not None else [fn(features)]
 
 
-def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=()):
+def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=(),
+                  masks=None):
     """Draw every word from ``softmax(scores / temperature)``.
 
     features: (N, D). ``top_k`` > 0 keeps only the k highest-scoring words at each step
     (top_k=1 is greedy); ``temperature`` = 0 is greedy too, and small temperatures
     approach it. ``rng``: a ``numpy.random.Generator``, a seed, or None (fresh entropy);
     noise is drawn on the host so a seed gives the same captions on any device.
+    ``masks``: dropout masks (mask_x (N, max_length, W), mask_h (N, max_length, H)) to
+    draw with, the model's dropout on (self-critical training); None: off.
 
     Returns (N, max_length) int64 ids laid out like ``greedy_decode``.
     """
@@ -125,7 +137,7 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
         u = xp.asarray(rng.random(N)) * cdf[:, -1]
         return (cdf <= u[:, None]).sum(axis=1)
 
-    return _decode_word_by_word(model, features, max_length, choose)
+    return _decode_word_by_word(model, features, max_length, choose, masks=masks)
 
 
 class Hypothesis(NamedTuple):
@@ -272,12 +284,14 @@ def beam_decode(model, features, beam_size=3, max_length=30, length_norm=0.0, ba
     return out
 
 
-def sequence_log_prob(model, features, ids):
+def sequence_log_prob(model, features, ids, masks=None):
     """The model's log-probability of given captions, computed through ``step``.
 
     features: (N, D). ids: (N, T) ids without <START> (as the decoders return them),
     or a list of N 1-D id arrays. A caption runs up to and including its first <END>,
     or to the end of its row; whatever follows the <END> (padding) is ignored.
+    ``masks``: dropout masks (mask_x (N, T, W), mask_h (N, T, H)) to apply, as
+    ``sample_decode`` takes them; None: off.
 
     Returns (N,) float64: sum over the caption of log p(word_t | words before, image).
     """
@@ -304,7 +318,7 @@ def sequence_log_prob(model, features, ids):
     words = xp.full((N,), model.start_id, dtype=np.int64)
     total = np.zeros(N, dtype=np.float64)
     for t in range(int(lengths.max(initial=0))):
-        scores, state = model.step(words, state)
+        scores, state = _step(model, words, state, masks, t)
         words = xp.asarray(ids[:, t])
         lp = to_numpy(_log_softmax(scores, xp)[xp.arange(N), words])
         total += np.where(t < lengths, lp, 0.0)

@@ -146,16 +146,19 @@ class AttentionCaptioningModel(CaptioningModel):
         proj = (a.reshape(N * Lc, D) @ p["W_att"]).reshape(N, Lc, self.attention_dim)
         return AttentionState(init[:, :H], init[:, H:], xp.zeros((N, Lc), dtype=self.dtype), a, proj)
 
-    def step(self, words, state):
+    def step(self, words, state, masks=None):
         """One decoding step through the training math. words: (n,) ids; state: an
         ``AttentionState`` whose n rows are k hypotheses per image. Returns scores
-        (n, V) and the new state; its ``alpha`` (n, L) is where this step looked."""
+        (n, V) and the new state; its ``alpha`` (n, L) is where this step looked.
+        masks: this step's dropout masks, as ``CaptioningModel.step``."""
         p = self.params
+        mask_x, mask_h = (None, None) if masks is None else self._check_masks(masks, words.shape)
+        x = p["W_embed"][words]
         with _one_blas_thread(self.xp):
             h, c, alpha, _ = L.attention_lstm_step_forward(
-                p["W_embed"][words], state.h, state.c, state.a, state.proj,
+                x if mask_x is None else x * mask_x, state.h, state.c, state.a, state.proj,
                 p["Wx"], p["Wz"], p["Wh"], p["bh"], p["w_att"])
-            scores, _ = L.affine_forward(h, p["W_vocab"], p["b_vocab"])
+            scores, _ = L.affine_forward(h if mask_h is None else h * mask_h, p["W_vocab"], p["b_vocab"])
         return scores, state._replace(h=h, c=c, alpha=alpha)
 
     def select_state(self, state, rows):

@@ -87,7 +87,7 @@ class CaptioningModel:
 
     # -- training loss ---------------------------------------------------------------
 
-    def loss(self, features, captions, train=True, token_weights=None):
+    def loss(self, features, captions, train=True, token_weights=None, masks=None):
         """Loss and gradients for a minibatch.
 
         features: (N, D) image features; captions: (N, T+1) int ids, each starting
@@ -98,6 +98,10 @@ class CaptioningModel:
         captions[:, 1:] (any sign; 0 leaves a position out, whatever its word):
         ``loss = sum(w * -log p(target)) / N``, with no label smoothing. This is how a
         policy gradient (``rnncap.training.scst``) goes through the model's own backward.
+
+        masks: None, or the dropout masks to use instead of drawing them: (mask_x
+        (N, T, W), mask_h (N, T, H)), either may be None (``train`` is then ignored).
+        Self-critical training passes the masks its captions were drawn with.
 
         On the CPU with threadpoolctl installed, NumPy's BLAS runs single-threaded
         here, and a batch large enough is split into shards (up to one per BLAS thread)
@@ -116,11 +120,14 @@ class CaptioningModel:
             if token_weights.shape != (N, T):
                 raise ValueError(f"token_weights must be (N, T) = {(N, T)}; got shape "
                                  f"{tuple(token_weights.shape)}")
-        drop = self.dropout if train else 0.0
-        # Masks are drawn here, in one fixed order, so that the random stream does not
-        # depend on how the batch is split.
-        masks = (L.dropout_mask((N, T, self.wordvec_dim), drop, self.rng, self.dtype, xp),
-                 L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
+        if masks is None:
+            drop = self.dropout if train else 0.0
+            # Masks are drawn here, in one fixed order, so that the random stream does
+            # not depend on how the batch is split.
+            masks = (L.dropout_mask((N, T, self.wordvec_dim), drop, self.rng, self.dtype, xp),
+                     L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
+        else:
+            masks = self._check_masks(masks, (N, T))
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
                                       [m if m is None else m[s] for m in masks], N,
@@ -215,6 +222,20 @@ class CaptioningModel:
             raise ValueError(f"captions must be (N, T+1) with N={features.shape[0]} and T >= 1; "
                              f"got shape {tuple(captions.shape)}")
 
+    def _check_masks(self, masks, lead):
+        """Given dropout masks (mask_x, mask_h) as arrays of the model's dtype, each
+        checked to be ``lead + (W,)`` and ``lead + (H,)`` (None stays None)."""
+        if len(masks) != 2:
+            raise ValueError("masks must be a pair (mask_x, mask_h)")
+        out = []
+        for name, m, dim in zip(("mask_x", "mask_h"), masks, (self.wordvec_dim, self.hidden_dim)):
+            if m is not None:
+                m = self.xp.asarray(m, dtype=self.dtype)
+                if m.shape != (*lead, dim):
+                    raise ValueError(f"{name} must be {(*lead, dim)}; got shape {tuple(m.shape)}")
+            out.append(m)
+        return tuple(out)
+
     def _check_features(self, features):
         if features.ndim != 2 or features.shape[1] != self.input_dim:
             raise ValueError(f"features must be (N, {self.input_dim}); got shape "
@@ -234,11 +255,16 @@ class CaptioningModel:
             return (h0, xp.zeros_like(h0))
         return (h0,)
 
-    def step(self, words, state):
+    def step(self, words, state, masks=None):
         """One decoding step through the training math.
 
         words: (N,) int ids fed at this step; state: from ``init_state`` or ``step``.
         Returns scores (N, V) for the next word and the new state.
+
+        masks: None, or this step's dropout masks (mask_x (N, W), mask_h (N, H)), as
+        ``loss`` applies them at one position: the word vectors and the hidden state
+        that is scored are multiplied by them; the state carries on undropped. For
+        drawing captions with dropout on (self-critical training).
 
         Runs with NumPy's BLAS on one thread (when threadpoolctl is installed): a
         step's matmuls are too small to share, and a thread team that must meet
@@ -247,18 +273,20 @@ class CaptioningModel:
         side (``in_shards``).
         """
         with _one_blas_thread(self.xp):
-            return self._step_rows(words, state)
+            return self._step_rows(words, state, masks)
 
-    def _step_rows(self, words, state):
+    def _step_rows(self, words, state, masks=None):
         p = self.params
+        mask_x, mask_h = (None, None) if masks is None else self._check_masks(masks, words.shape)
         x = p["W_embed"][words]
+        x = x if mask_x is None else x * mask_x
         if self.cell_type == "lstm":
             h, c, _ = L.lstm_step_forward(x, state[0], state[1], p["Wx"], p["Wh"], p["b"])
             new_state = (h, c)
         else:
             h, _ = L.rnn_step_forward(x, state[0], p["Wx"], p["Wh"], p["b"])
             new_state = (h,)
-        scores, _ = L.affine_forward(h, p["W_vocab"], p["b_vocab"])
+        scores, _ = L.affine_forward(h if mask_h is None else h * mask_h, p["W_vocab"], p["b_vocab"])
         return scores, new_state
 
     def select_state(self, state, rows):

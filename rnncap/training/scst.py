@@ -60,10 +60,12 @@ class ScstObjective:
     reference sets are the train images' ``reward_references``), and returns the
     model's loss with the advantages as per-token weights, and its gradients.
 
-    The loss runs without dropout (``train=False``) and without any term of the
-    model's own beyond the likelihood (``likelihood_only``: no attention penalty): the
-    captions were drawn without them, and the gradient must be that of their own
-    probability alone.
+    The loss runs without any term of the model's own beyond the likelihood
+    (``likelihood_only``: no label smoothing, no attention penalty), and with the
+    dropout the captions were drawn with: none by default, or, with ``dropout`` p > 0,
+    masks drawn for each caption (word vectors and scored hidden states, as in
+    cross-entropy training) that the sampler applied at every step and the loss applies
+    again. Either way the gradient is that of the drawn captions' own probability.
 
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
     ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
@@ -74,7 +76,10 @@ class ScstObjective:
     batch only, so the captions drawn do not depend on the machine's thread count.
     """
 
-    def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None):
+    def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None,
+                 dropout=0.0):
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if baseline not in BASELINES:
             raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
         if samples < (2 if baseline == "mean" else 1):
@@ -82,6 +87,7 @@ class ScstObjective:
                              f"{2 if baseline == 'mean' else 1} samples per image, got {samples}")
         self.model, self.vocab, self.scorer = model, vocab, scorer
         self.samples, self.baseline, self.max_length = int(samples), baseline, int(max_length)
+        self.dropout = float(dropout)
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self._words = np.asarray(vocab.idx_to_word, dtype=object)
         self._stats = {}
@@ -107,7 +113,7 @@ class ScstObjective:
         images = np.asarray(images, dtype=np.int64).reshape(-1)
         xp = model.xp
         repeated = xp.repeat(xp.asarray(features), K, axis=0)  # rows n*K .. n*K+K-1: image n
-        ids = self.draw(repeated)
+        ids, masks = self.draw(repeated)
         lengths = self.lengths(ids)
         ref_rows = np.repeat(images, K)
         rewards = self.scorer.score(self.tokens(ids, lengths), ref_rows).reshape(-1, K)
@@ -128,8 +134,9 @@ class ScstObjective:
         captions[:, 0] = model.start_id
         captions[:, 1:] = ids
         weights = (np.arange(L)[None, :] < lengths[:, None]) * advantage[:, None]
+        dropout = {} if masks is None else {"masks": masks}  # models without dropout need no masks
         loss, grads = model.likelihood_only().loss(repeated, captions, train=False,
-                                                   token_weights=weights)
+                                                   token_weights=weights, **dropout)
         self._stats = {"reward": float(rewards.mean())}
         if self.baseline == "greedy":
             self._stats["greedy_reward"] = float(base.mean())
@@ -137,25 +144,39 @@ class ScstObjective:
 
     def draw(self, repeated):
         """(N*K, max_length) ids drawn from the model's softmax for the repeated
-        features (rows n*K .. n*K+K-1 of image n), laid out like ``sample_decode``'s."""
+        features (rows n*K .. n*K+K-1 of image n), laid out like ``sample_decode``'s,
+        and the dropout masks they were drawn with: (mask_x (N*K, max_length, W),
+        mask_h (N*K, max_length, H)), or None without dropout."""
         from concurrent.futures import ThreadPoolExecutor
 
         from ..inference.decoding import sample_decode
+        from ..models.layers import dropout_mask
 
+        model, xp = self.model, self.model.xp
         rows = SAMPLE_GROUP * self.samples
         groups = [slice(a, a + rows) for a in range(0, len(repeated), rows)]
         seeds = self.rng.integers(2 ** 63, size=len(groups))
 
         def one(group, seed):
-            return sample_decode(self.model, repeated[group], max_length=self.max_length,
-                                 rng=np.random.default_rng(seed))
+            rng = np.random.default_rng(seed)
+            n = len(repeated[group])
+            masks = None if self.dropout <= 0 else tuple(
+                dropout_mask((n, self.max_length, dim), self.dropout, rng, model.dtype, xp)
+                for dim in (model.wordvec_dim, model.hidden_dim))
+            ids = sample_decode(model, repeated[group], max_length=self.max_length, rng=rng,
+                                masks=masks)
+            return ids, masks
 
         if len(groups) == 1:
             return one(groups[0], seeds[0])
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8)),
                                             thread_name_prefix="rnncap-scst")
-        return np.concatenate(list(self._pool.map(one, groups, seeds)))
+        parts = list(self._pool.map(one, groups, seeds))
+        ids = np.concatenate([p[0] for p in parts])
+        if self.dropout <= 0:
+            return ids, None
+        return ids, tuple(xp.concatenate([p[1][i] for p in parts]) for i in range(2))
 
     def lengths(self, ids):
         """(N,) words of each decoded caption, its <END> included (all of the row
@@ -222,6 +243,7 @@ def run(args, ckpt, ckpt_path, resume):
             clip_norm=args.clip, seed=args.seed, checkpoint_every=args.checkpoint_every,
             max_iters=args.max_iters, device=args.device, stage="scst", init=str(ckpt_path),
             samples=args.samples, baseline=args.baseline, average=args.average,
+            sample_dropout=args.sample_dropout,
             select_beam=args.select_beam,
             **given_or_default(args, defaults, SimpleNamespace(**defaults)))
         decode_cfg = DecodeConfig(**given_or_default(args, ("beam_size", "length_norm"), decode_cfg,
@@ -261,7 +283,8 @@ def run(args, ckpt, ckpt_path, resume):
     max_length = data_cfg.max_length + 1  # room for <END>
     objective = ScstObjective(model, vocab, CiderD(train_refs), samples=train_cfg.samples,
                               baseline=train_cfg.baseline, max_length=max_length,
-                              rng=np.random.default_rng([train_cfg.seed, 0x5C57]))
+                              rng=np.random.default_rng([train_cfg.seed, 0x5C57]),
+                              dropout=train_cfg.sample_dropout)
     val = data.get("val")
     val_fn = None if val is None else cider_val_fn(
         vocab, val[0], dataset.splits["val"].references, max_length, beam=train_cfg.select_beam,

@@ -462,6 +462,9 @@ def add_arguments(p):
     g.add_argument("--baseline", choices=["mean", "greedy"], default=d[2].baseline,
                    help="a sample's baseline: the mean reward of the image's other samples, or the "
                         "reward of its greedy caption (default %(default)s)")
+    g.add_argument("--sample-dropout", type=unit_float, default=d[2].sample_dropout,
+                   help="dropout (word vectors, scored hidden states) while drawing captions, the "
+                        "same masks in the loss; 0 = off (default %(default)s)")
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="the policy starts as the --init model's softmax at this temperature: its "
                         "output layer is divided by it, so greedy captions are unchanged and samples "
