@@ -278,15 +278,18 @@ def xe_checkpoint(trained):
     return tmp, out / "best.npz"
 
 
-def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
+@pytest.mark.parametrize("sample_dropout", [0.0, 0.3])
+def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropout):
     """2 epochs of 3 updates straight, against 2 updates, a stop and --resume: bitwise
-    the same parameters, rewards and sampling-generator state."""
+    the same parameters, rewards and sampling-generator state (with dropout while
+    sampling too: its masks come from the saved generator)."""
     from rnncap.checkpoint import load_checkpoint
     from rnncap.cli import main
 
     tmp, init = xe_checkpoint
+    tmp = tmp / f"resume-d{sample_dropout}"
     common = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--samples", "3", "--beam", "2",
-              "--quiet"]
+              "--sample-dropout", str(sample_dropout), "--quiet"]
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "a"), *common]) == 0
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "b"), *common,
                  "--max-iters", "2"]) == 0
@@ -304,6 +307,7 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint):
     train = a.configs["train"]
     assert train["stage"] == "scst" and train["init"] == str(init) and train["samples"] == 3
     assert train["temperature"] == 0.5  # the h0 models' default
+    assert train["sample_dropout"] == sample_dropout
     start = load_checkpoint(init)
     # decoding defaults: --beam as given, the length normalisation of --init
     assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
@@ -383,3 +387,24 @@ def test_the_draw_does_not_depend_on_the_thread_count(dropout):
         assert masks_a[1].shape == (len(rep), 6, m.hidden_dim)
     assert len({tuple(r) for r in ids_a}) > len(rep) // 2  # draws, not one caption repeated
     assert a.rng.bit_generator.state == b.rng.bit_generator.state
+
+
+def test_the_draw_splits_a_batch_into_even_groups(monkeypatch):
+    """25 images: two groups of 12 and 13 (not 16 and 9: two cores would wait on the
+    larger); 32: two of 16; 33: three of 11. Each group is one sample_decode call."""
+    import rnncap.inference.decoding as decoding
+
+    real, sizes = decoding.sample_decode, []
+
+    def spy(model, features, **kw):
+        sizes.append(len(features))
+        return real(model, features, **kw)
+
+    monkeypatch.setattr(decoding, "sample_decode", spy)
+    m = small_model("lstm", jitter=0.5)
+    scorer, _ = tiny_scorer(tiny_vocab(), 2)
+    obj = objective_for(m, scorer, samples=2)
+    for n, want in [(25, [24, 26]), (32, [32, 32]), (33, [22, 22, 22]), (5, [10])]:
+        sizes.clear()
+        ids, _ = obj.draw(np.repeat(np.random.default_rng(n).standard_normal((n, 6)), 2, axis=0))
+        assert sorted(sizes) == want and len(ids) == 2 * n

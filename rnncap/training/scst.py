@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import RnncapError
 
 BASELINES = ("mean", "greedy")
-SAMPLE_GROUP = 16  # images whose captions one generator draws; groups run side by side
+SAMPLE_GROUP = 16  # at most this many images' captions per generator; groups run side by side
 
 
 def reward_references(references, end_token):
@@ -70,10 +70,12 @@ class ScstObjective:
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
     ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
 
-    Sampling runs on several cores: the batch is cut into fixed groups of
-    ``SAMPLE_GROUP`` images, each drawn by its own generator seeded from ``rng``, side
-    by side on threads (NumPy releases the GIL in its loops). The groups depend on the
-    batch only, so the captions drawn do not depend on the machine's thread count.
+    Sampling runs on several cores: the batch is cut into the fewest groups of at most
+    ``SAMPLE_GROUP`` images, as even as can be (25 images: 12 and 13, so that neither of
+    two cores waits long for the other), each drawn by its own generator seeded from
+    ``rng``, side by side on threads (NumPy releases the GIL in its loops). The groups
+    depend on the batch only, so the captions drawn do not depend on the machine's
+    thread count.
     """
 
     def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None,
@@ -153,19 +155,17 @@ class ScstObjective:
         from ..models.layers import dropout_mask
 
         model, xp = self.model, self.model.xp
-        rows = SAMPLE_GROUP * self.samples
-        groups = [slice(a, a + rows) for a in range(0, len(repeated), rows)]
+        n_images = len(repeated) // self.samples
+        bounds = np.linspace(0, n_images, -(-n_images // SAMPLE_GROUP) + 1).round().astype(int)
+        groups = [slice(a * self.samples, b * self.samples) for a, b in zip(bounds[:-1], bounds[1:])]
         seeds = self.rng.integers(2 ** 63, size=len(groups))
 
         def one(group, seed):
-            rng = np.random.default_rng(seed)
-            n = len(repeated[group])
+            rng, part = np.random.default_rng(seed), repeated[group]
             masks = None if self.dropout <= 0 else tuple(
-                dropout_mask((n, self.max_length, dim), self.dropout, rng, model.dtype, xp)
+                dropout_mask((len(part), self.max_length, dim), self.dropout, rng, model.dtype, xp)
                 for dim in (model.wordvec_dim, model.hidden_dim))
-            ids = sample_decode(model, repeated[group], max_length=self.max_length, rng=rng,
-                                masks=masks)
-            return ids, masks
+            return sample_decode(model, part, max_length=self.max_length, rng=rng, masks=masks), masks
 
         if len(groups) == 1:
             return one(groups[0], seeds[0])
