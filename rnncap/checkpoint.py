@@ -4,6 +4,7 @@ A checkpoint holds everything needed to caption a new photo or to resume trainin
 
 * ``param/<name>``           model parameters
 * ``opt/<name>/<key>``       optimizer state arrays (Adam's m and v, SGD's velocity)
+* ``ema/<name>``             the moving average of the parameters, when training keeps one
 * ``pca/mean``, ``pca/components``, ``pca/scale``  the feature transform (PCA and/or
   standardisation, ``rnncap.encoding.features.apply_pca``) applied to encoder features, if any
 * ``__meta__``               UTF-8 JSON as a uint8 array: format name and version, the
@@ -49,10 +50,13 @@ def save_checkpoint(path, model, vocab, *, encoder=None, pca=None, configs=None,
     """Write a checkpoint atomically to ``path`` (a ``.npz`` file).
 
     train_state may carry ``"optimizer": {param_name: {key: array or int}}``; arrays are
-    stored as npz entries and scalars in the JSON.
+    stored as npz entries and scalars in the JSON. Its ``"ema": {param_name: array}``
+    (the trainer's moving average of the parameters) is stored as npz entries too.
     """
     train_state = dict(train_state or {})
     arrays = {f"param/{k}": v for k, v in model.numpy_params().items()}
+    for pname, a in (train_state.pop("ema", None) or {}).items():
+        arrays[f"ema/{pname}"] = _host(a)
     opt_scalars = {}
     for pname, st in (train_state.pop("optimizer", None) or {}).items():
         opt_scalars[pname] = {}
@@ -153,6 +157,14 @@ def load_checkpoint(path, device="cpu"):
             raise CheckpointError(f"{path}: parameter {name!r} has shape {a.shape}, "
                                   f"expected {p.shape}")
         model.params[name] = a.astype(model.dtype, copy=False)
+    ema = {key[len("ema/"):]: a for key, a in arrays.items() if key.startswith("ema/")}
+    if ema and set(ema) != set(model.params):
+        raise CheckpointError(f"{path}: the moving average (ema/...) covers {sorted(ema)}, "
+                              f"not the parameters {sorted(model.params)}")
+    for name, a in ema.items():
+        if a.shape != model.params[name].shape:
+            raise CheckpointError(f"{path}: entry 'ema/{name}' has shape {a.shape}, expected "
+                                  f"{model.params[name].shape}")
     if len(vocab) != model.vocab_size:
         raise CheckpointError(f"{path}: vocabulary has {len(vocab)} words but the model "
                               f"expects {model.vocab_size}")
@@ -160,6 +172,8 @@ def load_checkpoint(path, device="cpu"):
         train_state, extras = _header_state(meta, arrays, model)
     except Exception as e:  # a damaged or hand-edited JSON header
         raise CheckpointError(f"{path}: damaged checkpoint header ({type(e).__name__}: {e})")
+    if ema:
+        train_state["ema"] = {k: a.astype(model.dtype, copy=False) for k, a in ema.items()}
     if device != "cpu":
         model.to(device)
     pca = None

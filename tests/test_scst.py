@@ -278,18 +278,20 @@ def xe_checkpoint(trained):
     return tmp, out / "best.npz"
 
 
-@pytest.mark.parametrize("sample_dropout", [0.0, 0.3])
-def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropout):
+@pytest.mark.parametrize("sample_dropout,ema", [(0.0, None), (0.3, None), (0.0, 0.6)])
+def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropout, ema):
     """2 epochs of 3 updates straight, against 2 updates, a stop and --resume: bitwise
     the same parameters, rewards and sampling-generator state (with dropout while
-    sampling too: its masks come from the saved generator)."""
+    sampling too: its masks come from the saved generator; with a moving average of
+    the weights, it too)."""
     from rnncap.checkpoint import load_checkpoint
     from rnncap.cli import main
+    from rnncap.training.scst import STAGE_DEFAULTS
 
     tmp, init = xe_checkpoint
-    tmp = tmp / f"resume-d{sample_dropout}"
+    tmp = tmp / f"resume-d{sample_dropout}-e{ema}"
     common = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--samples", "3", "--beam", "2",
-              "--sample-dropout", str(sample_dropout), "--quiet"]
+              "--sample-dropout", str(sample_dropout), "--quiet"] + (["--ema", str(ema)] if ema else [])
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "a"), *common]) == 0
     assert main(["train", "--scst", "--init", str(init), "--out", str(tmp / "b"), *common,
                  "--max-iters", "2"]) == 0
@@ -303,11 +305,15 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropou
         assert np.array_equal(a.model.params[k], b.model.params[k]), k
     assert a.history["train_reward"] == b.history["train_reward"] and len(a.history["train_reward"]) == 6
     assert a.train_state["sample_rng"] == b.train_state["sample_rng"]
+    ema = STAGE_DEFAULTS["ema"] if ema is None else ema
+    assert ("ema" in a.train_state) == ("ema" in b.train_state) == (ema > 0)
+    for k in a.train_state.get("ema", {}):
+        assert np.array_equal(a.train_state["ema"][k], b.train_state["ema"][k]), k
 
     train = a.configs["train"]
     assert train["stage"] == "scst" and train["init"] == str(init) and train["samples"] == 3
     assert train["temperature"] == 0.5  # the h0 models' default
-    assert train["sample_dropout"] == sample_dropout
+    assert train["sample_dropout"] == sample_dropout and train["ema"] == ema
     start = load_checkpoint(init)
     # decoding defaults: --beam as given, the length normalisation of --init
     assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
@@ -364,6 +370,16 @@ def test_scst_command_errors_are_one_line(argv, needle, capsys):
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["1", "-0.1", "2.5"])
+def test_the_moving_averages_decay_must_be_below_one(value, capsys):
+    from rnncap.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--scst", "--init", "x.npz", "--ema", value])
+    assert e.value.code == 2
+    assert "argument --ema: must be a number in [0, 1)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])

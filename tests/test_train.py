@@ -14,7 +14,7 @@ from rnncap.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from rnncap.config import TrainConfig
 from rnncap.errors import CheckpointError, TrainingDiverged
 from rnncap.models.model import CaptioningModel
-from rnncap.training.train import Trainer
+from rnncap.training.train import Trainer, with_params
 from rnncap.data.vocab import Vocab
 
 
@@ -36,8 +36,9 @@ def make_model(vocab, D=8, cell="lstm", dropout=0.3, seed=3):
 
 
 def make_trainer(model, data, vocab, out, cfg, val=None):
-    def ckpt_fn(path, state):
-        save_checkpoint(path, model, vocab, train_state={k: v for k, v in state.items() if k != "history"},
+    def ckpt_fn(path, state, params=None):
+        save_checkpoint(path, model if params is None else with_params(model, params), vocab,
+                        train_state={k: v for k, v in state.items() if k != "history"},
                         history=state["history"], configs={"train": cfg.__dict__})
     return Trainer(model, data, cfg, val=val, out_dir=str(out), checkpoint_fn=ckpt_fn, progress=False,
                    log=lambda m: None)
@@ -52,13 +53,14 @@ def resume_trainer(path, data, out, cfg):
     return tr
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-def test_resume_is_bitwise_exact(tmp_path, optimizer):
-    """k steps, stop, resume, m more == k+m steps without a stop (dropout on, mid-epoch stop)."""
+@pytest.mark.parametrize("optimizer,ema", [("adam", 0.0), ("sgd", 0.0), ("adam", 0.8)])
+def test_resume_is_bitwise_exact(tmp_path, optimizer, ema):
+    """k steps, stop, resume, m more == k+m steps without a stop (dropout on, mid-epoch
+    stop), the moving average of the weights too."""
     feats, caps, idx, vocab = toy_problem()
     data = (feats, caps, idx)
     k, total = 5, 11  # 30 captions / batch 8 -> 4 iterations per epoch: k stops mid-epoch 2
-    base = dict(optimizer=optimizer, lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9)
+    base = dict(optimizer=optimizer, lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9, ema=ema)
 
     ref = make_model(vocab)
     t_ref = make_trainer(ref, data, vocab, tmp_path / "ref", TrainConfig(**base, max_iters=total))
@@ -75,6 +77,76 @@ def test_resume_is_bitwise_exact(tmp_path, optimizer):
     for name in ref.params:
         assert np.array_equal(ref.params[name], t2.model.params[name]), name
     assert t2.history["train_loss"] == t_ref.history["train_loss"]
+    assert (t2.ema is None) == (t_ref.ema is None) == (ema == 0)
+    for name in t_ref.ema or {}:
+        assert np.array_equal(t_ref.ema[name], t2.ema[name]), name
+        assert not np.array_equal(t_ref.ema[name], ref.params[name]), name
+
+
+def test_the_moving_average_follows_the_weights_and_is_what_is_validated_and_kept(tmp_path):
+    """With ema = d: the average is d * ema + (1 - d) * w after every update from the
+    starting weights (the raw weights train as without it), val_fn and the val loss see
+    the average while the model keeps its own weights afterwards, and best.npz and the
+    epoch snapshots hold the average while last.npz holds the raw weights and the
+    average."""
+    feats, caps, idx, vocab = toy_problem()
+    data = (feats, caps, idx)
+    base = dict(lr=1e-2, batch_size=8, epochs=2, seed=7)
+
+    plain = make_model(vocab)
+    start = {k: v.copy() for k, v in plain.params.items()}
+    steps = []
+    t_plain = make_trainer(plain, data, vocab, tmp_path / "plain", TrainConfig(**base))
+    step = t_plain.step
+    t_plain.step = lambda rows, lr: (step(rows, lr), steps.append(dict(plain.params)))[0]
+    t_plain.fit()
+    expected = dict(start)
+    d = np.float32(0.7)
+    for params in steps:
+        expected = {k: d * expected[k] + np.float32(1 - 0.7) * params[k] for k in expected}
+
+    model = make_model(vocab)
+    seen = []
+
+    def val_fn(m):
+        seen.append({k: v.copy() for k, v in m.params.items()})
+        return {"val_cider": -float(len(seen))}  # epoch 1 stays the best
+
+    out = tmp_path / "ema"
+    tr = make_trainer(model, data, vocab, out, TrainConfig(**base, ema=0.7, average=2),
+                      val=(feats, caps, idx))
+    tr.val_fn, tr.select_key, tr.select_mode, tr.keep_top = val_fn, "val_cider", "max", 2
+    tr.fit()
+    for k in plain.params:
+        assert np.array_equal(model.params[k], plain.params[k]), k  # training is unchanged
+        assert np.array_equal(tr.ema[k], expected[k]), k
+        assert np.array_equal(seen[-1][k], expected[k]), k  # validated: the average
+        assert not np.array_equal(tr.ema[k], model.params[k]), k
+    best, last = load_checkpoint(out / "best.npz"), load_checkpoint(out / "last.npz")
+    assert best.train_state["best"]["epoch"] == 1
+    snapshot = load_checkpoint(out / "epoch-1.npz")
+    for k in plain.params:
+        assert np.array_equal(best.model.params[k], seen[0][k]), k  # the average at epoch 1
+        assert np.array_equal(snapshot.model.params[k], seen[0][k]), k
+        assert np.array_equal(last.model.params[k], model.params[k]), k
+        assert np.array_equal(last.train_state["ema"][k], tr.ema[k]), k
+    assert "ema" not in snapshot.train_state
+
+
+def test_a_moving_average_of_the_wrong_shape_is_one_line(tmp_path):
+    feats, caps, idx, vocab = toy_problem()
+    model = make_model(vocab)
+    ema = {k: v.copy() for k, v in model.params.items()}
+    save_checkpoint(tmp_path / "ok.npz", model, vocab, train_state={"ema": ema})
+    loaded = load_checkpoint(tmp_path / "ok.npz").train_state["ema"]
+    assert all(np.array_equal(loaded[k], ema[k]) for k in ema)
+    name = sorted(ema)[0]
+    save_checkpoint(tmp_path / "bad.npz", model, vocab, train_state={"ema": {**ema, name: ema[name][:1]}})
+    with pytest.raises(CheckpointError, match=rf"bad.npz: entry 'ema/{name}' has shape"):
+        load_checkpoint(tmp_path / "bad.npz")
+    save_checkpoint(tmp_path / "part.npz", model, vocab, train_state={"ema": {name: ema[name]}})
+    with pytest.raises(CheckpointError, match=r"part.npz: the moving average \(ema/...\) covers"):
+        load_checkpoint(tmp_path / "part.npz")
 
 
 def test_training_reduces_loss_and_writes_logs(tmp_path):

@@ -6,12 +6,14 @@ targets, an index from target rows to input rows, and a model with ``params`` an
 it (data, vocabulary, features, model, checkpoints).
 
 Resume is exact: the shuffling order of an epoch is derived from (seed, epoch), the
-dropout generator's state and the optimizer state are saved, so k steps + resume + m
-steps give bitwise the parameters of k + m uninterrupted steps.
+dropout generator's state, the optimizer state and the moving average of the weights
+are saved, so k steps + resume + m steps give bitwise the parameters of k + m
+uninterrupted steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -32,7 +34,9 @@ class Trainer:
     train: (inputs, targets, index): the batch for rows ``b`` of targets is
         ``(inputs[index[b]], targets[b])``.
     val: the same form, or None.
-    checkpoint_fn(path, state): writes a checkpoint; ``state`` is what ``restore`` takes.
+    checkpoint_fn(path, state, params=None): writes a checkpoint; ``state`` is what
+        ``restore`` takes; ``params``, when given, are the weights to write instead of the
+        model's (the moving average, with ``cfg.ema``).
     count_fn(targets_batch) -> int: units for the throughput figure (default: rows).
     val_fn(model) -> {name: float}: more validation metrics after each epoch; ``select``
         = (metric, "min" or "max") picks the epoch kept as best.npz.
@@ -40,6 +44,13 @@ class Trainer:
         reward, say), shown on the progress bar and kept per iteration as "train_NAME".
     keep_top: also keep the parameters of the ``keep_top`` best epochs so far as
         ``epoch-E.npz`` (without optimizer state), for ``average_top_epochs``.
+
+    With ``cfg.ema`` = d > 0 the trainer also keeps a moving average of the weights,
+    ``ema <- d * ema + (1 - d) * w`` after every update, starting from the weights
+    training began with (Polyak averaging). The average is what is validated, kept as
+    best.npz and as the epoch snapshots; the raw weights go on training (last.npz holds
+    both). Where the rate keeps the weights wandering about a plateau, as in
+    self-critical training, the average sits nearer its middle.
     """
 
     def __init__(self, model, train, cfg: TrainConfig, val=None, out_dir=None,
@@ -64,6 +75,7 @@ class Trainer:
         self.epoch = 0            # epochs completed
         self.iteration = 0        # updates done
         self.opt_state = {k: {} for k in model.params}
+        self.ema = None           # {name: array}, the moving average of the weights (cfg.ema > 0)
         self.history = {"iteration": [], "train_loss": [], "epoch": [], "val_loss": [],
                         "val_iteration": []}
         self.best = None
@@ -75,8 +87,11 @@ class Trainer:
     # -- state for checkpoints ----------------------------------------------------------
 
     def state(self):
-        return {"epoch": self.epoch, "iteration": self.iteration, "best": self.best,
-                "top": self.top, "optimizer": self.opt_state, "history": self.history}
+        state = {"epoch": self.epoch, "iteration": self.iteration, "best": self.best,
+                 "top": self.top, "optimizer": self.opt_state, "history": self.history}
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
 
     def restore(self, state):
         self.epoch = int(state.get("epoch", 0))
@@ -87,6 +102,8 @@ class Trainer:
         opt = state.get("optimizer") or {}
         self.opt_state = {k: {kk: (xp.asarray(vv) if hasattr(vv, "shape") else vv)
                               for kk, vv in opt.get(k, {}).items()} for k in self.model.params}
+        ema = state.get("ema")
+        self.ema = None if not ema else {k: xp.asarray(ema[k]) for k in self.model.params}
         if state.get("history"):
             self.history = {k: list(v) for k, v in state["history"].items()}
             for k in ("iteration", "train_loss", "epoch", "val_loss", "val_iteration"):
@@ -125,11 +142,35 @@ class Trainer:
         kw = {"momentum": self.cfg.momentum} if self.cfg.optimizer == "sgd" else {}
         for k, w in self.model.params.items():
             self.model.params[k], self.opt_state[k] = rule(w, grads[k], self.opt_state[k], lr=lr, **kw)
+        if self.ema is not None:
+            for k, w in self.model.params.items():
+                dt = w.dtype.type
+                self.ema[k] = dt(self.cfg.ema) * self.ema[k] + dt(1.0 - self.cfg.ema) * w
         self.iteration += 1
         return loss, norm
 
+    @contextlib.contextmanager
+    def kept_weights(self):
+        """The model holds, inside the block, the weights that are validated and kept:
+        the moving average with ``cfg.ema``, else its own."""
+        if self.ema is None:
+            yield
+            return
+        params = self.model.params  # swapped in place: a wrapper's params are its module's
+        own = dict(params)
+        params.update(self.ema)
+        try:
+            yield
+        finally:
+            params.update(own)
+
     def validate(self):
-        """Mean per-example validation loss (no dropout), plus val_fn's metrics."""
+        """Mean per-example validation loss (no dropout), plus val_fn's metrics, of the
+        weights that are kept (``kept_weights``)."""
+        with self.kept_weights():
+            return self._validate()
+
+    def _validate(self):
         out = {}
         if self.val_data is not None and len(self.val_data[1]):
             X, y, index = self.val_data
@@ -148,6 +189,8 @@ class Trainer:
         """Train until cfg.epochs (or cfg.max_iters). Returns the history."""
         cfg = self.cfg
         stop = False
+        if cfg.ema and self.ema is None:
+            self.ema = {k: w.copy() for k, w in self.model.params.items()}
         while self.epoch < cfg.epochs and not stop:
             batches = self._batches(self.epoch)
             start = self.iteration - self.epoch * self.iters_per_epoch
@@ -197,7 +240,7 @@ class Trainer:
             for path in stale:  # only once last.npz no longer lists them
                 os.remove(path)
             if improved:
-                self._save("best.npz")
+                self._save("best.npz", kept=True)
             self._write_logs()
         return self.history
 
@@ -211,8 +254,8 @@ class Trainer:
                         key=lambda t: (sign * t[1], t[0]))
         kept, dropped = ranked[:self.keep_top], ranked[self.keep_top:]
         if any(e == self.epoch for e, _ in kept):
-            state = {k: v for k, v in self.state().items() if k != "optimizer"}
-            self.checkpoint_fn(self.snapshot_path(self.epoch), state)
+            state = {k: v for k, v in self.state().items() if k not in ("optimizer", "ema")}
+            self._checkpoint(self.snapshot_path(self.epoch), state, kept=True)
         self.top = kept
         return [p for p in (self.snapshot_path(e) for e, _ in dropped if e != self.epoch)
                 if os.path.exists(p)]
@@ -228,9 +271,16 @@ class Trainer:
         prev = self.best[self.select_key]
         return value < prev if self.select_mode == "min" else value > prev
 
-    def _save(self, name):
+    def _save(self, name, kept=False):
         if self.checkpoint_fn is not None and self.out_dir:
-            self.checkpoint_fn(os.path.join(self.out_dir, name), self.state())
+            self._checkpoint(os.path.join(self.out_dir, name), self.state(), kept)
+
+    def _checkpoint(self, path, state, kept):
+        """Write ``path``; ``kept``: with the kept weights (``kept_weights``)."""
+        if kept and self.ema is not None:
+            self.checkpoint_fn(path, state, params=self.ema)
+        else:
+            self.checkpoint_fn(path, state)
 
     def _write_logs(self):
         if not self.out_dir:
@@ -419,6 +469,10 @@ def add_arguments(p):
     g.add_argument("--lr-decay", type=positive_float,
                    help=f"learning-rate factor per epoch (default {d[2].lr_decay:g}; "
                         f"{s['lr_decay']:g} with --scst)")
+    g.add_argument("--ema", type=unit_float, metavar="DECAY",
+                   help="keep a moving average of the weights with this decay per update, and "
+                        "validate and keep it in their place; 0 = off (default "
+                        f"{d[2].ema:g}; {s.get('ema', d[2].ema):g} with --scst)")
     g.add_argument("--momentum", type=unit_float, default=d[2].momentum, help="for sgd")
     g.add_argument("--weight-decay", type=float, default=d[2].weight_decay)
     g.add_argument("--clip", type=float, default=d[2].clip_norm,
@@ -536,7 +590,7 @@ def run(args):
                                 checkpoint_every=args.checkpoint_every, max_iters=args.max_iters,
                                 device=args.device, select=args.select, select_beam=args.select_beam,
                                 average=args.average,
-                                **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs"),
+                                **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs", "ema"),
                                                    TrainConfig()))
         decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
                                                               DecodeConfig(), {"beam_size": "beam"}))
