@@ -230,7 +230,9 @@ def _read_archive(path):
                 arrays[key] = _read_entry(path, z, info)
                 if key.startswith("opt/") and len(key.split("/")) < 3:
                     raise CheckpointError(f"{path}: entry {name!r} is not named opt/<parameter>/<key>")
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
+        # NotImplementedError: a damaged directory can ask for a zip feature or version
+        # that zipfile lacks.
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})")
     raw = arrays.pop("__meta__", None)
     if raw is None:

@@ -146,6 +146,20 @@ def _good_checkpoint(path):
     return path.read_bytes()
 
 
+def test_a_damaged_zip_version_is_one_line(tmp_path):
+    """A flipped byte in the zip directory that asks for a zip version zipfile cannot
+    read (found by the fuzz below: NotImplementedError) is a CheckpointError too."""
+    import struct
+
+    blob = bytearray(_good_checkpoint(tmp_path / "good.npz"))
+    at = blob.index(b"PK\x01\x02")  # the first central-directory record
+    blob[at + 6:at + 8] = struct.pack("<H", 64)  # "version needed to extract": 6.4
+    p = tmp_path / "bad.npz"
+    p.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"bad.npz: truncated or corrupt checkpoint \(NotImplementedError"):
+        load_checkpoint(p)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_checkpoint_reader_fuzz(tmp_path, data):
