@@ -254,7 +254,7 @@ class Trainer:
                         key=lambda t: (sign * t[1], t[0]))
         kept, dropped = ranked[:self.keep_top], ranked[self.keep_top:]
         if any(e == self.epoch for e, _ in kept):
-            state = {k: v for k, v in self.state().items() if k not in ("optimizer", "ema")}
+            state = {k: v for k, v in self.state().items() if k != "optimizer"}
             self._checkpoint(self.snapshot_path(self.epoch), state, kept=True)
         self.top = kept
         return [p for p in (self.snapshot_path(e) for e, _ in dropped if e != self.epoch)
@@ -278,6 +278,8 @@ class Trainer:
     def _checkpoint(self, path, state, kept):
         """Write ``path``; ``kept``: with the kept weights (``kept_weights``)."""
         if kept and self.ema is not None:
+            # The average is the checkpoint's weights: not written a second time as state.
+            state = {k: v for k, v in state.items() if k != "ema"}
             self.checkpoint_fn(path, state, params=self.ema)
         else:
             self.checkpoint_fn(path, state)
