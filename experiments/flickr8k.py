@@ -340,7 +340,7 @@ def _read_rnncap(out_dir, data, seed, impl):
     length normalisation, the val features and the training seconds it recorded."""
     from rnncap.checkpoint import load_checkpoint
     from rnncap.config import ModelConfig, decode_config, from_dict
-    from rnncap.models.model import build_model
+    from rnncap.models.registry import build_model
 
     best = load_checkpoint(out_dir / "best.npz")
     last = load_checkpoint(out_dir / "last.npz")

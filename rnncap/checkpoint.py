@@ -126,7 +126,7 @@ def _atomic_savez(path, arrays):
 def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by ``save_checkpoint``. Raises CheckpointError with one
     line naming the file for anything that is not a valid, compatible checkpoint."""
-    from .models.model import model_class
+    from .models.registry import model_class
     from .data.vocab import Vocab
 
     path = os.fspath(path)

@@ -12,8 +12,10 @@ class ModelConfig:
 
     model: "h0" (the image is the initial hidden state, ``CaptioningModel``) or
     "attention" (soft attention over the spatial map, ``AttentionCaptioningModel``,
-    LSTM only). attention_dim and attention_reg (the doubly stochastic lambda) are
-    the attention model's."""
+    LSTM only) or "transformer" (``TransformerCaptioningModel``, width hidden_dim, which
+    wordvec_dim must equal). attention_dim and attention_reg (the doubly stochastic
+    lambda) are the attention model's; heads, layers, ffn_dim and locations the
+    Transformer's."""
     model: str = "h0"
     cell_type: str = "lstm"
     wordvec_dim: int = 512
@@ -25,6 +27,11 @@ class ModelConfig:
     vocab_size: int = 0
     attention_dim: int = 256
     attention_reg: float = 1.0
+    heads: int = 8                   # transformer: attention heads
+    layers: int = 2                  # transformer: decoder layers
+    ffn_dim: int = 2048              # transformer: feed-forward width
+    locations: int = 0               # transformer: memory tokens (the map's locations, from the
+                                     # data); 0 = pooled features, one token
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import layers as L
-from .model import CaptioningModel, _one_blas_thread
+from .model import CaptioningModel, _common_args, _one_blas_thread
+from .registry import register
 
 
 class AttentionState(NamedTuple):
@@ -38,6 +39,7 @@ class AttentionState(NamedTuple):
     proj: object
 
 
+@register("attention")
 class AttentionCaptioningModel(CaptioningModel):
     """An LSTM captioner with soft attention over the image's spatial map.
 
@@ -54,6 +56,8 @@ class AttentionCaptioningModel(CaptioningModel):
     Dropout and label smoothing act as in ``CaptioningModel``.
     """
 
+    spatial = True  # reads (N, L, D) maps; its state's alpha is where it looked
+
     def __init__(self, vocab_size, input_dim, wordvec_dim, hidden_dim, attention_dim=512,
                  attention_reg=1.0, null_id=0, start_id=1, end_id=2, dtype=np.float32, seed=None,
                  dropout=0.0, label_smoothing=0.0):
@@ -66,6 +70,13 @@ class AttentionCaptioningModel(CaptioningModel):
         super().__init__(vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type="lstm",
                          null_id=null_id, start_id=start_id, end_id=end_id, dtype=dtype,
                          seed=seed, dropout=dropout, label_smoothing=label_smoothing)
+
+    @classmethod
+    def from_model_config(cls, model_cfg, vocab, seed=None):
+        if model_cfg.cell_type != "lstm":
+            raise ValueError(f"the attention model is an LSTM; got cell {model_cfg.cell_type!r}")
+        return cls(attention_dim=model_cfg.attention_dim, attention_reg=model_cfg.attention_reg,
+                   **_common_args(model_cfg, vocab, seed))
 
     def _initial_params(self, init):
         V, D, W, H, A = (self.vocab_size, self.input_dim, self.wordvec_dim, self.hidden_dim,

@@ -15,11 +15,13 @@ import threading
 import numpy as np
 
 from . import layers as L
+from .registry import register
 from ..backend import get_array_module, to_device, to_numpy, xp_for
 
 CELLS = ("rnn", "lstm")
 
 
+@register("h0")
 class CaptioningModel:
     """A recurrent image captioner (vanilla RNN or LSTM) in NumPy/CuPy.
 
@@ -30,6 +32,8 @@ class CaptioningModel:
     Options beyond the homework: ``dropout`` (applied to the word vectors and to the
     hidden states before the vocabulary layer, training only) and ``label_smoothing``.
     """
+
+    spatial = False  # reads (N, D) features; attention models read (N, L, D) maps
 
     def __init__(self, vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type="rnn",
                  null_id=0, start_id=1, end_id=2, dtype=np.float32, seed=None,
@@ -121,18 +125,16 @@ class CaptioningModel:
                 raise ValueError(f"token_weights must be (N, T) = {(N, T)}; got shape "
                                  f"{tuple(token_weights.shape)}")
         if masks is None:
-            drop = self.dropout if train else 0.0
             # Masks are drawn here, in one fixed order, so that the random stream does
             # not depend on how the batch is split.
-            masks = (L.dropout_mask((N, T, self.wordvec_dim), drop, self.rng, self.dtype, xp),
-                     L.dropout_mask((N, T, self.hidden_dim), drop, self.rng, self.dtype, xp))
+            masks = self._draw_masks(N, T, self.dropout if train else 0.0)
         else:
             masks = self._check_masks(masks, (N, T))
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
                                       [m if m is None else m[s] for m in masks], N,
                                       None if token_weights is None else token_weights[s]),
-            N, xp, _MIN_SHARD_ROWS)
+            N, xp, self._min_shard_rows or _MIN_SHARD_ROWS)
         loss, grads = parts[0]
         for part_loss, part_grads in parts[1:]:
             loss += part_loss
@@ -140,21 +142,25 @@ class CaptioningModel:
                 grads[k] += g
         return loss, grads
 
+    _min_shard_rows = None  # rows per shard of ``loss``; None: _MIN_SHARD_ROWS
+
+    def _draw_masks(self, N, T, p):
+        """The dropout masks of a batch (``loss``'s ``masks``), drawn from ``self.rng``
+        with the batch first (per-row draws, which the data-parallel trainer splits):
+        (mask_x (N, T, W), mask_h (N, T, H)), each None when p is 0."""
+        xp = self.xp
+        return (L.dropout_mask((N, T, self.wordvec_dim), p, self.rng, self.dtype, xp),
+                L.dropout_mask((N, T, self.hidden_dim), p, self.rng, self.dtype, xp))
+
     def _loss_rows(self, features, captions, masks, batch_size, token_weights=None):
         """``loss`` for some rows of the batch: the loss is divided by the whole
         batch's ``batch_size``, so the parts of a split batch add up.
 
         The words in and out are the same for every model; what happens between
         them is ``_recur``, the one part a model of another kind replaces."""
-        xp = self.xp
         p = self.params
         captions_in, captions_out = captions[:, :-1], captions[:, 1:]
-        if token_weights is None:
-            mask = captions_out != self.null_id
-            smoothing = self.label_smoothing
-        else:
-            mask = token_weights != 0
-            smoothing = 0.0
+        mask = self._target_mask(captions_out, token_weights)
         mask_x, mask_h = masks
 
         # Forward: embed, (dropout), recur, (dropout), score.
@@ -162,9 +168,32 @@ class CaptioningModel:
         x = x if mask_x is None else x * mask_x
         h, extra_loss, recur_backward = self._recur(features, x, mask, batch_size)
         h = h if mask_h is None else h * mask_h
-        # Only positions with a target word reach the loss, so only those are scored:
-        # padding is about a quarter of a COCO batch's (N, T, V) scores. The result is
-        # temporal_affine + temporal_softmax_loss without the rows the mask zeroes.
+        loss, dh, grads = self._vocab_loss(h, captions_out, batch_size, token_weights)
+
+        # Backward through time, in reverse order of the forward pass.
+        dh = L.dropout_backward(dh, mask_h)
+        dx, recur_grads = recur_backward(dh)
+        grads.update(recur_grads)
+        dx = L.dropout_backward(dx, mask_x)
+        grads["W_embed"] = L.word_embedding_backward(dx, c_embed)
+        return loss + extra_loss, grads
+
+    def _target_mask(self, captions_out, token_weights):
+        """(N, T) bool: the positions whose target reaches the loss."""
+        return captions_out != self.null_id if token_weights is None else token_weights != 0
+
+    def _vocab_loss(self, h, captions_out, batch_size, token_weights=None):
+        """The output layer and the loss, the same for every model: from the states
+        h (N, T, H) that are scored to the loss, dh (N, T, H) and the gradients of
+        W_vocab and b_vocab (a dict). ``loss`` describes the weighting.
+
+        Only positions with a target word reach the loss, so only those are scored:
+        padding is about a quarter of a COCO batch's (N, T, V) scores. The result is
+        temporal_affine + temporal_softmax_loss without the rows the mask zeroes."""
+        xp = self.xp
+        p = self.params
+        mask = self._target_mask(captions_out, token_weights)
+        smoothing = self.label_smoothing if token_weights is None else 0.0
         N, T, H = h.shape
         keep = xp.flatnonzero(mask.reshape(-1))
         scores, c_vocab = L.affine_forward(h.reshape(N * T, H)[keep], p["W_vocab"], p["b_vocab"])
@@ -172,18 +201,11 @@ class CaptioningModel:
                    else token_weights.reshape(-1)[keep] / batch_size)
         loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], weights,
                                        label_smoothing=smoothing)
-
-        # Backward through time, in reverse order of the forward pass.
         grads = {}
         dh_kept, grads["W_vocab"], grads["b_vocab"] = L.affine_backward(dscores, c_vocab)
         dh = xp.zeros((N * T, H), dtype=dh_kept.dtype)
         dh[keep] = dh_kept
-        dh = L.dropout_backward(dh.reshape(N, T, H), mask_h)
-        dx, recur_grads = recur_backward(dh)
-        grads.update(recur_grads)
-        dx = L.dropout_backward(dx, mask_x)
-        grads["W_embed"] = L.word_embedding_backward(dx, c_embed)
-        return loss + extra_loss, grads
+        return loss, dh.reshape(N, T, H), grads
 
     def _recur(self, features, x, mask, batch_size):
         """From image features and word vectors x (N, T, W) to the hidden states
@@ -326,6 +348,11 @@ class CaptioningModel:
     # -- (de)serialisation helpers ----------------------------------------------------
 
     @classmethod
+    def from_model_config(cls, model_cfg, vocab, seed=None):
+        """A fresh model for a ``ModelConfig`` (rnncap.models.registry.build_model)."""
+        return cls(cell_type=model_cfg.cell_type, **_common_args(model_cfg, vocab, seed))
+
+    @classmethod
     def from_config(cls, config, seed=None):
         """Rebuild from ``config()`` (keys this version does not know are ignored)."""
         import inspect
@@ -350,6 +377,15 @@ class CaptioningModel:
     def numpy_params(self):
         """Parameters as host NumPy arrays (for checkpoints)."""
         return {k: to_numpy(v) for k, v in self.params.items()}
+
+
+def _common_args(model_cfg, vocab, seed):
+    """The constructor arguments every model takes from a ``ModelConfig`` and ``Vocab``."""
+    return dict(vocab_size=len(vocab), input_dim=model_cfg.input_dim,
+                wordvec_dim=model_cfg.wordvec_dim, hidden_dim=model_cfg.hidden_dim,
+                null_id=vocab.null_id, start_id=vocab.start_id, end_id=vocab.end_id,
+                dtype=np.dtype(model_cfg.dtype), seed=seed, dropout=model_cfg.dropout,
+                label_smoothing=model_cfg.label_smoothing)
 
 
 # ---- running a batch in shards, side by side ----------------------------------------
@@ -455,35 +491,3 @@ def _run_sharded(fns):
                 if not f.cancel():
                     f.result()
     return results
-
-
-# ---- which class a checkpoint or config names ---------------------------------------
-
-def model_class(name):
-    """The model class a checkpoint names ("CaptioningModel", "AttentionCaptioningModel")."""
-    if name == "CaptioningModel":
-        return CaptioningModel
-    if name == "AttentionCaptioningModel":
-        from .attention import AttentionCaptioningModel
-
-        return AttentionCaptioningModel
-    raise ValueError(f"unknown model class {name!r}")
-
-
-def build_model(model_cfg, vocab, seed=None):
-    """A fresh model for a ``ModelConfig`` (input_dim and vocab_size filled in) and a
-    ``Vocab``: ``CaptioningModel`` for model "h0", ``AttentionCaptioningModel`` for
-    "attention"."""
-    common = dict(vocab_size=len(vocab), input_dim=model_cfg.input_dim,
-                  wordvec_dim=model_cfg.wordvec_dim, hidden_dim=model_cfg.hidden_dim,
-                  null_id=vocab.null_id, start_id=vocab.start_id, end_id=vocab.end_id,
-                  dtype=np.dtype(model_cfg.dtype), seed=seed, dropout=model_cfg.dropout,
-                  label_smoothing=model_cfg.label_smoothing)
-    if model_cfg.model == "h0":
-        return CaptioningModel(cell_type=model_cfg.cell_type, **common)
-    if model_cfg.model == "attention":
-        if model_cfg.cell_type != "lstm":
-            raise ValueError(f"the attention model is an LSTM; got cell {model_cfg.cell_type!r}")
-        return model_class("AttentionCaptioningModel")(
-            attention_dim=model_cfg.attention_dim, attention_reg=model_cfg.attention_reg, **common)
-    raise ValueError(f"model must be 'h0' or 'attention', got {model_cfg.model!r}")

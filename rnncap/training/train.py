@@ -538,7 +538,7 @@ def add_arguments(p):
 def run(args):
     from ..checkpoint import load_checkpoint
     from ..data.datasets import load_dataset
-    from ..models.model import build_model
+    from ..models.registry import build_model
 
     if args.weight_decay < 0 or args.clip < 0:
         raise RnncapError("--weight-decay and --clip must be >= 0")
