@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from . import bench_transformer as transformer
 from .backend import to_numpy, xp_for
 from .errors import RnncapError
 
@@ -37,6 +38,7 @@ SIZES = {
     # Flickr8k (docs/attention.md): EfficientNet-Lite0's 7x7 map
     "attention": dict(T=16, L=49, D=512, W=256, H=512, A=256, V=2538),
     "tiny-attention": dict(T=5, L=4, D=12, W=8, H=10, A=6, V=17),
+    **transformer.SIZES,  # E 512, 8 heads, FFN 2048, 49 memory tokens (rnncap.bench_transformer)
 }
 NULL, START, END = 0, 1, 2
 LR = 1e-3
@@ -171,6 +173,8 @@ def step_flops(N, dims, steps=None, scored=None):
     steps actually run (default N*T); ``scored``: positions scored against the
     vocabulary (default N*T). rnncap skips padding, so it does fewer of both.
     """
+    if transformer.is_transformer(dims):
+        return transformer.step_flops(N, dims)
     T, D, W, H, V = (dims[k] for k in "TDWHV")
     steps = N * T if steps is None else steps
     scored = N * T if scored is None else scored
@@ -197,6 +201,8 @@ def work_done(captions, dims):
 def build_rnncap(dims, seed, device="cpu"):
     from .models.model import CaptioningModel
 
+    if transformer.is_transformer(dims):
+        return transformer.build_rnncap(dims, seed, device, NULL, START, END)
     if "A" in dims:
         from .models.attention import AttentionCaptioningModel
 
@@ -241,6 +247,8 @@ def build_torch(model, device="cpu"):
 
     if hasattr(model, "attention_dim"):
         return build_torch_attention(model, device)
+    if hasattr(model, "num_heads"):
+        return transformer.build_torch(model, device)
     p = {k: torch.from_numpy(to_numpy(v).copy()) for k, v in model.params.items()}
     V, D, W, H = model.vocab_size, model.input_dim, model.wordvec_dim, model.hidden_dim
 
@@ -382,6 +390,8 @@ def torch_greedy(tm, features, max_length):
     rnncap.inference.decoding.greedy_decode (stop once every caption has emitted <END>)."""
     import torch
 
+    if hasattr(tm, "greedy"):  # the Transformer twin's decoder, with its key/value cache
+        return tm.greedy(features, max_length, START, END)
     with torch.inference_mode():
         cell = _torch_cell(tm)
         N = features.shape[0]
@@ -598,7 +608,7 @@ def bench_decode(N, dims, repeats, warmup, beam_size, device="cpu", with_torch=T
         fns["torch greedy"] = lambda: torch_greedy(tm, f_t, max_length)
         ours, theirs = fns["rnncap greedy"](), fns["torch greedy"]()
         res["greedy_token_agreement"] = float((ours == theirs).mean())
-        if beam is not None:
+        if beam is not None and not transformer.is_transformer(dims):  # the Transformer: greedy only
             tstep = TorchStepModel(tm, model)
             fns["torch beam"] = lambda: beam(tstep, f_x, beam_size=beam_size,
                                              max_length=max_length)

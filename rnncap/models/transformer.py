@@ -31,16 +31,16 @@ from .registry import register
 
 
 class TransformerState(NamedTuple):
-    """Decoder state: t, the positions decoded so far; per layer, the self-attention
-    keys and values of those positions (n, t, E) per row (hypothesis); per layer, the
-    memory's keys and values (M, L, E), once per image; alpha (n, L), where the last
-    step looked (the last layer's cross-attention, averaged over heads). Rows
-    m*k .. m*k+k-1 belong to image m."""
-    t: int
+    """Decoder state: alpha (n, L), where the last step looked (the last layer's
+    cross-attention, averaged over heads); per layer, the self-attention keys and
+    values of the positions decoded so far (n, t, E) per row (hypothesis); per layer,
+    the memory's keys and values (M, L, E), once per image; t, the positions decoded
+    so far. Rows m*k .. m*k+k-1 belong to image m."""
+    alpha: object        # first: the decoders read the row count from state[0]
     keys: tuple
     values: tuple
     memory_kv: tuple
-    alpha: object
+    t: int
 
 
 @register("transformer")
@@ -257,7 +257,7 @@ class TransformerCaptioningModel(CaptioningModel):
             mem, _ = self._memory(features)
             memory_kv = tuple(TL.memory_keys_values(mem, self._layer(layer)) for layer in range(self.num_layers))
         empty = tuple(xp.zeros((N, 0, E), dtype=self.dtype) for _ in range(self.num_layers))
-        return TransformerState(0, empty, empty, memory_kv, xp.zeros((N, mem.shape[1]), dtype=self.dtype))
+        return TransformerState(xp.zeros((N, mem.shape[1]), dtype=self.dtype), empty, empty, memory_kv, 0)
 
     def step(self, words, state, masks=None):
         """One decoding step through the training layers: words (n,) ids at position
