@@ -56,7 +56,8 @@ def build_torch(model, device="cpu"):
     """The PyTorch twin of a ``TransformerCaptioningModel`` with its weights copied in."""
     import torch
 
-    tm = _twin_class()(model)
+    # In the model's dtype before the weights go in (a float32 module would round them).
+    tm = _twin_class()(model).to(dtype=torch.float64 if model.dtype == np.float64 else torch.float32)
     with torch.no_grad():
         p = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v))) for k, v in model.numpy_params().items()}
         tm.mem.weight.copy_(p["W_mem"].T)
@@ -80,7 +81,7 @@ def build_torch(model, device="cpu"):
                 norm.bias.copy_(q[f"norm{j}_b"])
         tm.vocab.weight.copy_(p["W_vocab"].T)
         tm.vocab.bias.copy_(p["b_vocab"])
-    return tm.to(dtype=torch.float64 if model.dtype == np.float64 else torch.float32, device=device)
+    return tm.to(device)
 
 
 _LAYER_NAMES = ("self_W_in", "self_b_in", "self_W_out", "self_b_out", "cross_W_in", "cross_b_in",
