@@ -59,6 +59,7 @@ class TrainConfig:
     select: str = "cider"            # best.npz: "cider" (val CIDEr-D, max) or "loss" (val loss, min)
     select_beam: int = 1             # captions for val CIDEr-D: 1 = greedy, else beam size
     average: int = 3                 # average the best K epochs' weights if val CIDEr-D says so; <= 1 off
+    warmup: int = 0                  # updates over which lr rises linearly from lr/warmup to lr; 0 = off
     ema: float = 0.0                 # decay per update of a moving average of the weights, which is
                                      # validated and kept in their place; 0 = off
     stage: str = "xe"                # "xe" or "scst"

@@ -170,9 +170,9 @@ def run(args):
     if n == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no images")
     features = _split_features(args, ckpt, dataset, split, n)
-    if features.shape[-1] != model.input_dim or features.ndim != (3 if hasattr(model, "attention_dim") else 2):
+    if features.shape[-1] != model.input_dim or features.ndim != (3 if getattr(model, "spatial", False) else 2):
         raise CheckpointError(f"{args.checkpoint}: the model expects {model.input_dim}-d "
-                              + ("spatial maps" if hasattr(model, "attention_dim") else "features")
+                              + ("spatial maps" if getattr(model, "spatial", False) else "features")
                               + f" but the features for '{args.split}' have shape {features.shape[1:]}")
     if args.device != "cpu":
         model.to(args.device)
@@ -210,7 +210,7 @@ def run(args):
                                                  indent=1, ensure_ascii=False), encoding="utf-8")
     items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}
              for k in rows[:args.report_images]]
-    if hasattr(model, "attention_dim"):
+    if getattr(model, "spatial", False):
         _add_attention_figures(items, model, vocab, features[rows[:args.report_images]], beam,
                                max_length, length_norm)
     title = f"rnncap evaluate: {Path(args.checkpoint).name} on {args.split} ({len(rows)} images)"

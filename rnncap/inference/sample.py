@@ -81,8 +81,9 @@ class Captioner:
 
     @property
     def attends(self):
-        """True for attention models: they can say where they looked for each word."""
-        return hasattr(self.model, "attention_dim")
+        """True for models that attend over the spatial map (the attention model, a
+        Transformer trained on maps): they can say where they looked for each word."""
+        return getattr(self.model, "spatial", False)
 
     def _decode(self, feats, beam, n, length_norm, max_length, attention):
         """Per image, its ``n`` best hypotheses as (ids, logprob or None, attention
@@ -90,8 +91,8 @@ class Captioner:
         from .decoding import beam_search, greedy_decode
 
         if attention and not self.attends:
-            raise ValueError("this checkpoint holds an h0 model: only attention models have "
-                             "attention maps")
+            raise ValueError("this checkpoint's model does not attend over a spatial map: only "
+                             "attention models and Transformers trained on maps have attention maps")
         L, banned = max_length or self.max_length, self.vocab.never_generated
         if beam <= 1:
             out = greedy_decode(self.model, feats, max_length=L, banned=banned, return_attention=attention)
@@ -216,8 +217,9 @@ def run(args):
 
     cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
     if args.attention and not cap.attends:
-        raise RnncapError(f"--attention: {args.checkpoint} holds an h0 model (the image is only its "
-                          f"initial state); attention maps need one trained with --model attention")
+        raise RnncapError(f"--attention: {args.checkpoint} holds a model that does not attend over "
+                          f"a spatial map; attention maps need one trained with --model attention, "
+                          f"or --model transformer on `rnncap features --maps`")
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then

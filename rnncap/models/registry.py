@@ -26,6 +26,11 @@ def kinds():
     return tuple(_BY_KIND)
 
 
+def kind_of(model):
+    """The ``ModelConfig.model`` that builds a model of this class ("h0", ...)."""
+    return next((k for k, cls in _BY_KIND.items() if cls is type(model)), type(model).__name__)
+
+
 def model_class(name):
     """The model class a checkpoint names ("CaptioningModel", "AttentionCaptioningModel", ...)."""
     if name not in _BY_CLASS:

@@ -114,6 +114,12 @@ class Trainer:
     def lr(self, epoch):
         return self.cfg.lr * (self.cfg.lr_decay ** epoch)
 
+    def _warmup(self):
+        """The learning-rate factor of the next update: (i + 1) / warmup over the first
+        ``cfg.warmup`` updates (i counted over the whole run, so resume keeps it), then 1."""
+        w = getattr(self.cfg, "warmup", 0)
+        return min(1.0, (self.iteration + 1) / w) if w else 1.0
+
     def _batches(self, epoch):
         """Row indices of each minibatch of an epoch, from a generator seeded by
         (seed, epoch) so a resumed run sees the same order."""
@@ -198,7 +204,7 @@ class Trainer:
             bar = _progress(len(batches), start, f"epoch {self.epoch + 1}/{cfg.epochs}", self.progress)
             t0, units = time.perf_counter(), 0
             for b in range(start, len(batches)):
-                loss, norm = self.step(batches[b], lr)
+                loss, norm = self.step(batches[b], lr * self._warmup())
                 units += int(self.count_fn(self.train_data[1][batches[b]]))
                 self.history["iteration"].append(self.iteration)
                 self.history["train_loss"].append(float(loss))
@@ -431,6 +437,11 @@ def _features_for(path, split_name, split, encoder):
     return feats[rows], ident, read_pca(path)
 
 
+# Defaults that differ by kind of model (ModelConfig.model), where the flag is not given:
+# the Transformer's recipe (docs/transformer.md).
+KIND_DEFAULTS = {"transformer": {"dropout": 0.1, "lr": 5e-4, "warmup": 250}}
+
+
 def add_arguments(p):
     from ..cli import nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 
@@ -451,18 +462,30 @@ def add_arguments(p):
     g.add_argument("--top-k", type=nonneg_int, default=d[0].top_k,
                    help="keep at most this many words, 0 = no cap (default %(default)s)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["h0", "attention"], default=d[1].model,
+    from ..models.registry import kinds
+
+    g.add_argument("--model", choices=kinds(), default=d[1].model,
                    help="h0: the image is the initial state; attention: soft attention over the "
-                        "spatial map (needs `rnncap features --maps`) (default %(default)s)")
+                        "spatial map (needs `rnncap features --maps`); transformer: a Transformer "
+                        "decoder over the map's locations (or the pooled feature) "
+                        "(default %(default)s)")
     g.add_argument("--cell", choices=["rnn", "lstm"], default=d[1].cell_type)
     g.add_argument("--wordvec", type=positive_int, default=d[1].wordvec_dim, help="W (default %(default)s)")
     g.add_argument("--hidden", type=positive_int, default=d[1].hidden_dim, help="H (default %(default)s)")
-    g.add_argument("--dropout", type=unit_float, default=d[1].dropout)
+    g.add_argument("--dropout", type=unit_float,
+                   help=f"(default {d[1].dropout:g}; {KIND_DEFAULTS['transformer']['dropout']:g} "
+                        f"for the transformer)")
     g.add_argument("--label-smoothing", type=unit_float, default=d[1].label_smoothing)
     g.add_argument("--attention-dim", type=positive_int, default=d[1].attention_dim,
                    help="A, the attention model's hidden size (default %(default)s)")
     g.add_argument("--attention-reg", type=nonneg_float, default=d[1].attention_reg,
                    help="lambda of the doubly stochastic attention penalty (default %(default)s)")
+    g.add_argument("--heads", type=positive_int, default=d[1].heads,
+                   help="transformer: attention heads, dividing --hidden (default %(default)s)")
+    g.add_argument("--layers", type=positive_int, default=d[1].layers,
+                   help="transformer: decoder layers (default %(default)s)")
+    g.add_argument("--ffn", type=positive_int, default=d[1].ffn_dim,
+                   help="transformer: feed-forward width (default %(default)s)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
     from .scst import STAGE_DEFAULTS as s, stage_defaults
@@ -475,6 +498,9 @@ def add_arguments(p):
                    help="keep a moving average of the weights with this decay per update, and "
                         "validate and keep it in their place; 0 = off (default "
                         f"{d[2].ema:g}; {s.get('ema', d[2].ema):g} with --scst)")
+    g.add_argument("--warmup", type=nonneg_int,
+                   help=f"updates over which the learning rate rises linearly to --lr (default "
+                        f"{d[2].warmup}; {KIND_DEFAULTS['transformer']['warmup']} for the transformer)")
     g.add_argument("--momentum", type=unit_float, default=d[2].momentum, help="for sgd")
     g.add_argument("--weight-decay", type=float, default=d[2].weight_decay)
     g.add_argument("--clip", type=float, default=d[2].clip_norm,
@@ -583,17 +609,22 @@ def run(args):
                               max_length=args.max_length, too_long=args.too_long,
                               min_count=args.min_count, top_k=args.top_k,
                               standardize=args.standardize)
+        kind = KIND_DEFAULTS.get(args.model, {})
         model_cfg = ModelConfig(model=args.model, cell_type=args.cell, wordvec_dim=args.wordvec,
-                                hidden_dim=args.hidden, dropout=args.dropout,
-                                label_smoothing=args.label_smoothing,
-                                attention_dim=args.attention_dim, attention_reg=args.attention_reg)
+                                hidden_dim=args.hidden, label_smoothing=args.label_smoothing,
+                                attention_dim=args.attention_dim, attention_reg=args.attention_reg,
+                                heads=args.heads, layers=args.layers, ffn_dim=args.ffn,
+                                **given_or_default(args, ("dropout",), ModelConfig(**{
+                                    k: v for k, v in kind.items() if k == "dropout"})))
         train_cfg = TrainConfig(optimizer=args.optimizer, momentum=args.momentum,
                                 weight_decay=args.weight_decay, clip_norm=args.clip, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, max_iters=args.max_iters,
                                 device=args.device, select=args.select, select_beam=args.select_beam,
                                 average=args.average,
-                                **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs", "ema"),
-                                                   TrainConfig()))
+                                **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs", "ema",
+                                                          "warmup"),
+                                                   TrainConfig(**{k: v for k, v in kind.items()
+                                                                  if k != "dropout"})))
         decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
                                                               DecodeConfig(), {"beam_size": "beam"}))
         pca = not args.no_pca
@@ -624,6 +655,7 @@ def run(args):
                               f"checkpoint {args.resume} expects {model.input_dim}-d")
     else:
         model_cfg.input_dim, model_cfg.vocab_size = int(train_feats.shape[-1]), len(vocab)
+        model_cfg.locations = int(train_feats.shape[1]) if train_feats.ndim == 3 else 0
         try:
             model = build_model(model_cfg, vocab, seed=train_cfg.seed)
         except ValueError as e:
@@ -762,14 +794,21 @@ def average_top_epochs(trainer, model, val_fn, checkpoint_fn, log=None):
 
 
 def _check_feature_kind(model, feats, path):
-    """The attention model reads spatial maps (n, L, D), the h0 model pooled vectors."""
-    attends = hasattr(model, "attention_dim")
-    if attends and feats.ndim != 3:
-        raise RnncapError(f"{path}: holds pooled features; --model attention needs spatial maps: "
-                          f"make them with `rnncap features --maps`")
-    if not attends and feats.ndim != 2:
-        raise RnncapError(f"{path}: holds spatial maps (from `rnncap features --maps`), which only "
-                          f"--model attention reads; pool them for --model h0 (`rnncap features` without --maps)")
+    """Spatial models (the attention model, a Transformer trained on maps) read spatial
+    maps (n, L, D), the others pooled vectors."""
+    if model.spatial and feats.ndim != 3:
+        raise RnncapError(f"{path}: holds pooled features; this model (--model "
+                          f"{_kind(model)}) reads spatial maps: make them with `rnncap features --maps`")
+    if not model.spatial and feats.ndim != 2:
+        raise RnncapError(f"{path}: holds spatial maps (from `rnncap features --maps`), which this "
+                          f"model (--model {_kind(model)}, trained on pooled features) does not read; "
+                          f"pool them (`rnncap features` without --maps)")
+
+
+def _kind(model):
+    from ..models.registry import kind_of
+
+    return kind_of(model)
 
 
 def dataset_vocab(dataset, data_cfg):
