@@ -4,8 +4,6 @@ decoder contract (step = training forward, beam search with one copy of each map
 attention weights), the backends, checkpoints, and a memorisation run."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -14,7 +12,7 @@ from rnncap.models.attention import AttentionCaptioningModel, AttentionState
 from rnncap.backend import to_device, to_numpy
 from rnncap.inference.decoding import beam_search, greedy_decode, sequence_log_prob
 
-from test_model import NULL, START, END, _adam, _one_blas_thread, small_batch
+from test_model import NULL, fifty_captions, memorise, small_batch
 
 V, D, W, H, A, LOC = 11, 6, 4, 5, 3, 4
 
@@ -194,30 +192,11 @@ def test_memorises_fifty_captions():
     Vb, Db, Wb, Hb, N, Lb = 1000, 64, 128, 256, 50, 16
     r = np.random.default_rng(0)
     maps = r.standard_normal((N, Lb, Db)).astype(np.float32)
-    lengths = r.integers(4, 9, size=N)
-    caps = np.full((N, lengths.max() + 2), NULL, dtype=np.int64)
-    for i, n in enumerate(lengths):
-        caps[i, 0], caps[i, n + 1] = START, END
-        caps[i, 1:n + 1] = r.integers(3, Vb, size=n)
+    lengths, caps = fifty_captions(r, Vb, N)
     # No doubly stochastic penalty: its floor is (L - T)^2 / L per caption, not 0.
     model = AttentionCaptioningModel(Vb, Db, Wb, Hb, attention_dim=128, attention_reg=0.0,
                                      dtype=np.float32, seed=0)
-    adam, states = _adam(), {k: {} for k in model.params}
-    start, history = time.perf_counter(), []
-    with _one_blas_thread():
-        for _ in range(150):
-            loss, grads = model.loss(maps, caps)
-            history.append(loss)
-            if loss < 0.5:
-                break
-            for k in model.params:
-                model.params[k], states[k] = adam(model.params[k], grads[k], states[k], lr=5e-3)
-        sampled = model.sample(maps, max_length=caps.shape[1] - 1)
-    assert history[-1] < 0.5, f"loss {history[-1]:.3f} after {len(history)} iterations"
-    for i, n in enumerate(lengths):
-        np.testing.assert_array_equal(sampled[i, :n + 1], caps[i, 1:n + 2], err_msg=f"caption {i}")
-    print(f"\nattention: loss {history[0]:.2f} -> {history[-1]:.3f} in {len(history)} iterations, "
-          f"{time.perf_counter() - start:.1f} s")
+    memorise(model, maps, caps, lengths, 5e-3, 150, 0.5, "attention")
 
 
 def test_perplexity_leaves_the_penalty_and_smoothing_out():

@@ -214,9 +214,10 @@ def test_without_torchrun_the_command_says_how_to_launch(tmp_path, monkeypatch, 
 
 # ---- two processes under torchrun ------------------------------------------------------
 
-def tiny_dataset(tmp_path, n_train=24, n_val=6):
-    """A caption-list JSON of tiny PNGs and an HDF5 feature cache of them (6-d, made by
-    a stand-in encoder through the real ``extract_features``)."""
+def tiny_dataset(tmp_path, n_train=24, n_val=6, encoder=None, side=6):
+    """A caption-list JSON of tiny PNGs (side x side) and an HDF5 feature cache of them
+    (6-d, made by a stand-in encoder, or by ``encoder``, through the real
+    ``extract_features``)."""
     pytest.importorskip("h5py")
     Image = pytest.importorskip("PIL.Image")
     from rnncap.encoding.features import extract_features
@@ -227,7 +228,7 @@ def tiny_dataset(tmp_path, n_train=24, n_val=6):
     words = ["red", "green", "blue", "dog", "ball", "runs", "on", "grass", "a", "the", "big", "small"]
     records = []
     for i in range(n_train + n_val):
-        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(img / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(img / f"p{i}.png")
         caps = [" ".join(rng.choice(words, size=int(rng.integers(3, 8)))) for _ in range(3)]
         records.append({"file": f"p{i}.png", "split": "train" if i < n_train else "val", "captions": caps})
     data = tmp_path / "captions.json"
@@ -251,7 +252,7 @@ def tiny_dataset(tmp_path, n_train=24, n_val=6):
 
     ds = load_dataset(data)
     feats = tmp_path / "features.h5"
-    extract_features({k: (s.image_ids, s.image_paths) for k, s in ds.splits.items()}, Thumb(), feats,
+    extract_features({k: (s.image_ids, s.image_paths) for k, s in ds.splits.items()}, encoder or Thumb(), feats,
                      progress=False)
     return data, feats
 

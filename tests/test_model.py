@@ -340,22 +340,21 @@ def _adam():
         return adam
 
 
-@pytest.mark.parametrize("cell,target,max_iters", [("rnn", 0.1, 60), ("lstm", 0.5, 120)])
-def test_memorises_fifty_captions(cell, target, max_iters):
-    """50 random captions (4-8 words, V = 1000) for 50 random feature vectors; H=512,
-    W=256, Adam lr 5e-3, float32. The teacher-forced loss must fall under the target
-    within max_iters, and greedy sampling must then give back every caption exactly
-    (ids up to and including <END>)."""
-    V, D, W, H, N = 1000, 128, 256, 512, 50
-    r = np.random.default_rng(0)
-    feats = r.standard_normal((N, D)).astype(np.float32)
+def fifty_captions(r, V, N=50):
+    """N random captions of 4-8 words (ids 3 .. V-1) for a memorisation test:
+    (lengths (N,), captions (N, longest + 2) with <START>, <END> and <NULL> padding)."""
     lengths = r.integers(4, 9, size=N)
     caps = np.full((N, lengths.max() + 2), NULL, dtype=np.int64)
     for i, n in enumerate(lengths):
         caps[i, 0], caps[i, n + 1] = START, END
         caps[i, 1:n + 1] = r.integers(3, V, size=n)
+    return lengths, caps
 
-    model = CaptioningModel(V, D, W, H, cell_type=cell, dtype=np.float32, seed=0)
+
+def memorise(model, feats, caps, lengths, lr, max_iters, target, name):
+    """Adam on the whole batch until the teacher-forced loss falls under ``target``
+    (at most ``max_iters`` updates); then greedy sampling must give back every caption
+    exactly (ids up to and including <END>, <NULL> after)."""
     adam, states = _adam(), {k: {} for k in model.params}
     start = time.perf_counter()
     history = []
@@ -366,15 +365,26 @@ def test_memorises_fifty_captions(cell, target, max_iters):
             if loss < target:
                 break
             for k in model.params:
-                model.params[k], states[k] = adam(model.params[k], grads[k], states[k],
-                                                  lr=5e-3)
+                model.params[k], states[k] = adam(model.params[k], grads[k], states[k], lr=lr)
         sampled = model.sample(feats, max_length=caps.shape[1] - 1)
-    assert history[-1] < target, (f"{cell}: loss {history[-1]:.3f} after {len(history)} "
+    assert history[-1] < target, (f"{name}: loss {history[-1]:.3f} after {len(history)} "
                                   f"iterations (start {history[0]:.2f})")
-
     for i, n in enumerate(lengths):
-        np.testing.assert_array_equal(sampled[i, :n + 1], caps[i, 1:n + 2],
-                                      err_msg=f"caption {i}")
+        np.testing.assert_array_equal(sampled[i, :n + 1], caps[i, 1:n + 2], err_msg=f"caption {i}")
         assert (sampled[i, n + 1:] == NULL).all()
-    print(f"\n{cell}: loss {history[0]:.2f} -> {history[-1]:.3f} in {len(history)} "
+    print(f"\n{name}: loss {history[0]:.2f} -> {history[-1]:.3f} in {len(history)} "
           f"iterations, {time.perf_counter() - start:.1f} s")
+
+
+@pytest.mark.parametrize("cell,target,max_iters", [("rnn", 0.1, 60), ("lstm", 0.5, 120)])
+def test_memorises_fifty_captions(cell, target, max_iters):
+    """50 random captions (4-8 words, V = 1000) for 50 random feature vectors; H=512,
+    W=256, Adam lr 5e-3, float32. The teacher-forced loss must fall under the target
+    within max_iters, and greedy sampling must then give back every caption exactly
+    (ids up to and including <END>)."""
+    V, D, W, H, N = 1000, 128, 256, 512, 50
+    r = np.random.default_rng(0)
+    feats = r.standard_normal((N, D)).astype(np.float32)
+    lengths, caps = fifty_captions(r, V, N)
+    model = CaptioningModel(V, D, W, H, cell_type=cell, dtype=np.float32, seed=0)
+    memorise(model, feats, caps, lengths, 5e-3, max_iters, target, cell)

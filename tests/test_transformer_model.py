@@ -6,7 +6,6 @@ data-parallel trainer, and a memorisation run."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from rnncap.inference.decoding import beam_search, greedy_decode, sequence_log_p
 from rnncap.models.layers import dropout_mask
 from rnncap.models.transformer import TransformerCaptioningModel, TransformerState
 
-from test_model import END, NULL, START, _adam, _one_blas_thread, small_batch
+from test_model import NULL, fifty_captions, memorise, small_batch
 
 V, D, E, NH, F, LOC = 11, 6, 4, 2, 6, 3
 
@@ -251,26 +250,7 @@ def test_memorises_fifty_captions():
     Vb, Db, N, Lb = 1000, 64, 50, 16
     r = np.random.default_rng(0)
     maps = r.standard_normal((N, Lb, Db)).astype(np.float32)
-    lengths = r.integers(4, 9, size=N)
-    caps = np.full((N, lengths.max() + 2), NULL, dtype=np.int64)
-    for i, n in enumerate(lengths):
-        caps[i, 0], caps[i, n + 1] = START, END
-        caps[i, 1:n + 1] = r.integers(3, Vb, size=n)
+    lengths, caps = fifty_captions(r, Vb, N)
     model = TransformerCaptioningModel(Vb, Db, 128, 4, 2, 256, locations=Lb, dtype=np.float32, seed=0,
                                        dropout=0.0)
-    adam, states = _adam(), {k: {} for k in model.params}
-    start, history = time.perf_counter(), []
-    with _one_blas_thread():
-        for _ in range(300):
-            loss, grads = model.loss(maps, caps)
-            history.append(loss)
-            if loss < 0.5:
-                break
-            for k in model.params:
-                model.params[k], states[k] = adam(model.params[k], grads[k], states[k], lr=1e-3)
-        sampled = model.sample(maps, max_length=caps.shape[1] - 1)
-    assert history[-1] < 0.5, f"loss {history[-1]:.3f} after {len(history)} iterations"
-    for i, n in enumerate(lengths):
-        np.testing.assert_array_equal(sampled[i, :n + 1], caps[i, 1:n + 2], err_msg=f"caption {i}")
-    print(f"\ntransformer: loss {history[0]:.2f} -> {history[-1]:.3f} in {len(history)} iterations, "
-          f"{time.perf_counter() - start:.1f} s")
+    memorise(model, maps, caps, lengths, 1e-3, 300, 0.5, "transformer")

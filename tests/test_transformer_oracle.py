@@ -14,6 +14,7 @@ from rnncap.models.transformer import TransformerCaptioningModel
 
 torch = pytest.importorskip("torch")
 from rnncap.bench import torch_loss  # noqa: E402
+from test_attention_oracle import _batch as attention_batch  # noqa: E402
 from rnncap.bench_transformer import build_torch  # noqa: E402
 
 TOL = 1e-10
@@ -21,15 +22,9 @@ V, D, E, NH, F = 13, 7, 8, 2, 12
 
 
 def _batch(seed, N=4, T=6, L=0):
-    r = np.random.default_rng(seed)
-    feats = r.standard_normal((N, L, D) if L else (N, D))
-    caps = np.zeros((N, T + 1), np.int64)
-    for i, n in enumerate([T, 2, 4, T - 1][:N]):  # one caption fills the row, none is empty
-        caps[i, 0] = 1
-        caps[i, 1:n + 1] = r.integers(3, V, size=n)
-        if n < T:
-            caps[i, n + 1] = 2
-    return feats, caps
+    """The attention oracle's batch; L = 0: pooled features (N, D)."""
+    maps, caps = attention_batch(seed, N=N, T=T, V=V, L=max(L, 1), D=D)
+    return (maps if L else maps[:, 0]), caps
 
 
 def _model(L, layers=2):

@@ -21,21 +21,8 @@ LOC = 4  # the stand-in encoder's map: 2 x 2 locations of 6 channels
 def map_dataset(tmp_path, n_train=24, n_val=6):
     """A caption-list JSON of tiny PNGs and an HDF5 cache of (4, 6) maps of them, made
     by a stand-in encoder (each quadrant's mean and spread) through the real
-    ``extract_features``."""
-    from rnncap.data.datasets import load_dataset
-    from rnncap.encoding.features import extract_features
-
-    rng = np.random.default_rng(0)
-    img = tmp_path / "images"
-    img.mkdir(exist_ok=True)
-    words = ["red", "green", "blue", "dog", "ball", "runs", "on", "grass", "a", "the", "big", "small"]
-    records = []
-    for i in range(n_train + n_val):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(img / f"p{i}.png")
-        caps = [" ".join(rng.choice(words, size=int(rng.integers(3, 8)))) for _ in range(3)]
-        records.append({"file": f"p{i}.png", "split": "train" if i < n_train else "val", "captions": caps})
-    data = tmp_path / "captions.json"
-    data.write_text(json.dumps({"image_dir": "images", "images": records}))
+    ``extract_features`` (test_distributed's ``tiny_dataset``)."""
+    from test_distributed import tiny_dataset
 
     class Quadrants:
         feature_dim, feature_shape = 6, (LOC, 6)
@@ -52,11 +39,7 @@ def map_dataset(tmp_path, n_train=24, n_val=6):
             x = x.transpose(0, 2, 4, 1, 3, 5).reshape(len(x), LOC, 3, 16)
             return np.concatenate([x.mean(axis=3), x.std(axis=3)], axis=2).astype(np.float32)
 
-    ds = load_dataset(data)
-    feats = tmp_path / "maps.h5"
-    extract_features({k: (s.image_ids, s.image_paths) for k, s in ds.splits.items()}, Quadrants(), feats,
-                     progress=False)
-    return data, feats
+    return tiny_dataset(tmp_path, n_train, n_val, encoder=Quadrants(), side=8)
 
 
 ARGS = ["--model", "transformer", "--hidden", "16", "--wordvec", "16", "--heads", "2", "--layers", "2",

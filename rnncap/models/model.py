@@ -40,10 +40,21 @@ class CaptioningModel:
                  dropout=0.0, label_smoothing=0.0):
         if cell_type not in CELLS:
             raise ValueError(f"cell_type must be one of {CELLS}, got {cell_type!r}")
-        for name, v in (("vocab_size", vocab_size), ("input_dim", input_dim),
-                        ("wordvec_dim", wordvec_dim), ("hidden_dim", hidden_dim)):
+        self._check_positive(vocab_size=vocab_size, input_dim=input_dim, wordvec_dim=wordvec_dim,
+                             hidden_dim=hidden_dim)
+        self._init_common(vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type, null_id, start_id,
+                          end_id, dtype, seed, dropout, label_smoothing)
+
+    @staticmethod
+    def _check_positive(**sizes):
+        for name, v in sizes.items():
             if int(v) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
+
+    def _init_common(self, vocab_size, input_dim, wordvec_dim, hidden_dim, cell_type, null_id, start_id,
+                     end_id, dtype, seed, dropout, label_smoothing):
+        """What every model's constructor does once its own sizes are checked and set:
+        the shared attributes, the dropout generator and fresh parameters."""
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not 0.0 <= label_smoothing < 1.0:

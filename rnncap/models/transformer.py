@@ -64,31 +64,17 @@ class TransformerCaptioningModel(CaptioningModel):
     def __init__(self, vocab_size, input_dim, embed_dim=512, num_heads=8, num_layers=2,
                  ffn_dim=2048, locations=0, null_id=0, start_id=1, end_id=2, dtype=np.float32,
                  seed=None, dropout=0.1, label_smoothing=0.0):
-        for name, v in (("vocab_size", vocab_size), ("input_dim", input_dim), ("embed_dim", embed_dim),
-                        ("num_heads", num_heads), ("num_layers", num_layers), ("ffn_dim", ffn_dim)):
-            if int(v) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
+        self._check_positive(vocab_size=vocab_size, input_dim=input_dim, embed_dim=embed_dim,
+                             num_heads=num_heads, num_layers=num_layers, ffn_dim=ffn_dim)
         if int(embed_dim) % int(num_heads):
             raise ValueError(f"num_heads {num_heads} must divide the width {embed_dim}")
         if int(locations) < 0:
             raise ValueError(f"locations must be >= 0, got {locations}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.vocab_size, self.input_dim = int(vocab_size), int(input_dim)
         self.embed_dim, self.num_heads = int(embed_dim), int(num_heads)
         self.num_layers, self.ffn_dim, self.locations = int(num_layers), int(ffn_dim), int(locations)
         # What the shared code reads: the words and the scored states are E wide.
-        self.wordvec_dim = self.hidden_dim = self.embed_dim
-        self.cell_type = "transformer"
-        self.null_id, self.start_id, self.end_id = null_id, start_id, end_id
-        self.dtype = np.dtype(dtype)
-        self.dropout = float(dropout)
-        self.label_smoothing = float(label_smoothing)
-        self.rng = np.random.default_rng(seed)
-        init = np.random.default_rng(seed)
-        self.params = {name: v.astype(self.dtype) for name, v in self._initial_params(init).items()}
+        self._init_common(vocab_size, input_dim, embed_dim, embed_dim, "transformer", null_id, start_id,
+                          end_id, dtype, seed, dropout, label_smoothing)
 
     @classmethod
     def from_model_config(cls, model_cfg, vocab, seed=None):
