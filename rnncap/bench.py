@@ -748,9 +748,10 @@ def _run(args):
     results = {"machine": info, "size": args.size, "dims": dims, "device": args.device,
                "repeats": repeats, "warmup": warmup, "command": " ".join(sys.argv)}
     if args.device == "cpu":
-        from .models.model import _MIN_DECODE_ROWS, _shards
+        from .models.model import _MIN_DECODE_ROWS, _MIN_SHARD_ROWS, _shards
 
-        results["rnncap_shards"] = {N: len(_shards(N, np)) for N in args.batch_sizes}
+        rows = transformer.shard_rows(dims, _MIN_SHARD_ROWS)
+        results["rnncap_shards"] = {N: len(_shards(N, np, rows)) for N in args.batch_sizes}
         results["rnncap_decode_shards"] = {N: len(_shards(N, np, _MIN_DECODE_ROWS)) for N in args.batch_sizes}
     _print_header(results)
 

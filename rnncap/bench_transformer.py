@@ -27,6 +27,15 @@ def is_transformer(dims):
     return "heads" in dims
 
 
+def shard_rows(dims, default):
+    """The fewest rows per shard of the model's training step (the header's shard count)."""
+    if not is_transformer(dims):
+        return default
+    from .models.transformer import TransformerCaptioningModel
+
+    return TransformerCaptioningModel._min_shard_rows
+
+
 def build_rnncap(dims, seed, device="cpu", null_id=0, start_id=1, end_id=2, dtype=np.float32):
     """rnncap's Transformer for a size, without dropout (the twins must agree)."""
     from .models.transformer import TransformerCaptioningModel
