@@ -439,7 +439,8 @@ def _features_for(path, split_name, split, encoder):
 
 # Defaults that differ by kind of model (ModelConfig.model), where the flag is not given:
 # the Transformer's recipe (docs/transformer.md).
-KIND_DEFAULTS = {"transformer": {"dropout": 0.1, "lr": 5e-4, "warmup": 250}}
+KIND_DEFAULTS = {"transformer": {"dropout": 0.1, "hidden_dim": 256, "wordvec_dim": 256, "heads": 4,
+                                 "ffn_dim": 1024, "lr": 5e-4, "warmup": 250}}
 
 
 def add_arguments(p):
@@ -470,8 +471,12 @@ def add_arguments(p):
                         "decoder over the map's locations (or the pooled feature) "
                         "(default %(default)s)")
     g.add_argument("--cell", choices=["rnn", "lstm"], default=d[1].cell_type)
-    g.add_argument("--wordvec", type=positive_int, default=d[1].wordvec_dim, help="W (default %(default)s)")
-    g.add_argument("--hidden", type=positive_int, default=d[1].hidden_dim, help="H (default %(default)s)")
+    tf = {**ModelConfig().__dict__, **KIND_DEFAULTS["transformer"]}
+    g.add_argument("--wordvec", type=positive_int,
+                   help=f"W (default {d[1].wordvec_dim}; {tf['wordvec_dim']} for the transformer)")
+    g.add_argument("--hidden", type=positive_int,
+                   help=f"H, the transformer's width E (default {d[1].hidden_dim}; {tf['hidden_dim']} "
+                        f"for the transformer)")
     g.add_argument("--dropout", type=unit_float,
                    help=f"(default {d[1].dropout:g}; {KIND_DEFAULTS['transformer']['dropout']:g} "
                         f"for the transformer)")
@@ -480,12 +485,12 @@ def add_arguments(p):
                    help="A, the attention model's hidden size (default %(default)s)")
     g.add_argument("--attention-reg", type=nonneg_float, default=d[1].attention_reg,
                    help="lambda of the doubly stochastic attention penalty (default %(default)s)")
-    g.add_argument("--heads", type=positive_int, default=d[1].heads,
-                   help="transformer: attention heads, dividing --hidden (default %(default)s)")
+    g.add_argument("--heads", type=positive_int,
+                   help=f"transformer: attention heads, dividing --hidden (default {tf['heads']})")
     g.add_argument("--layers", type=positive_int, default=d[1].layers,
                    help="transformer: decoder layers (default %(default)s)")
-    g.add_argument("--ffn", type=positive_int, default=d[1].ffn_dim,
-                   help="transformer: feed-forward width (default %(default)s)")
+    g.add_argument("--ffn", type=positive_int,
+                   help=f"transformer: feed-forward width (default {tf['ffn_dim']})")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
     from .scst import STAGE_DEFAULTS as s, stage_defaults
@@ -610,12 +615,16 @@ def run(args):
                               min_count=args.min_count, top_k=args.top_k,
                               standardize=args.standardize)
         kind = KIND_DEFAULTS.get(args.model, {})
-        model_cfg = ModelConfig(model=args.model, cell_type=args.cell, wordvec_dim=args.wordvec,
-                                hidden_dim=args.hidden, label_smoothing=args.label_smoothing,
+        model_fields = set(ModelConfig().__dict__)
+        model_cfg = ModelConfig(model=args.model, cell_type=args.cell, label_smoothing=args.label_smoothing,
                                 attention_dim=args.attention_dim, attention_reg=args.attention_reg,
-                                heads=args.heads, layers=args.layers, ffn_dim=args.ffn,
-                                **given_or_default(args, ("dropout",), ModelConfig(**{
-                                    k: v for k, v in kind.items() if k == "dropout"})))
+                                layers=args.layers,
+                                **given_or_default(args, ("dropout", "wordvec_dim", "hidden_dim", "heads",
+                                                          "ffn_dim"),
+                                                   ModelConfig(**{k: v for k, v in kind.items()
+                                                                  if k in model_fields}),
+                                                   {"wordvec_dim": "wordvec", "hidden_dim": "hidden",
+                                                    "ffn_dim": "ffn"}))
         train_cfg = TrainConfig(optimizer=args.optimizer, momentum=args.momentum,
                                 weight_decay=args.weight_decay, clip_norm=args.clip, seed=args.seed,
                                 checkpoint_every=args.checkpoint_every, max_iters=args.max_iters,
@@ -624,7 +633,7 @@ def run(args):
                                 **given_or_default(args, ("lr", "lr_decay", "batch_size", "epochs", "ema",
                                                           "warmup"),
                                                    TrainConfig(**{k: v for k, v in kind.items()
-                                                                  if k != "dropout"})))
+                                                                  if k not in model_fields})))
         decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
                                                               DecodeConfig(), {"beam_size": "beam"}))
         pca = not args.no_pca
