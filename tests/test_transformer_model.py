@@ -254,3 +254,24 @@ def test_memorises_fifty_captions():
     model = TransformerCaptioningModel(Vb, Db, 128, 4, 2, 256, locations=Lb, dtype=np.float32, seed=0,
                                        dropout=0.0)
     memorise(model, maps, caps, lengths, 1e-3, 300, 0.5, "transformer")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backend_matches_numpy(dtype, xp):
+    """The same loss, gradients and greedy captions on the array module under test
+    (CuPy where a GPU is usable) as on NumPy."""
+    from rnncap.backend import to_device, to_numpy
+
+    host = small_transformer(L=LOC, dtype=dtype, dropout=0.0)
+    dev = TransformerCaptioningModel.from_config(host.config())
+    dev.params = {k: to_device(v.copy(), xp) for k, v in host.params.items()}
+    feats, caps = small_inputs(LOC)
+    feats = feats.astype(dtype)
+    lh, gh = host.loss(feats, caps)
+    ld, gd = dev.loss(xp.asarray(feats), xp.asarray(caps))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert ld == pytest.approx(lh, rel=tol)
+    for k in gh:
+        assert rel_error(to_numpy(gd[k]), gh[k]) < tol, k
+    np.testing.assert_array_equal(greedy_decode(dev, xp.asarray(feats), max_length=6),
+                                  greedy_decode(host, feats, max_length=6))
