@@ -99,6 +99,16 @@ def test_self_critical_stage_runs_on_the_transformer(transformer_run, tmp_path):
     assert not np.array_equal(ckpt.model.params["l0_W1"], start.model.params["l0_W1"])
 
 
+def test_self_critical_dropout_while_sampling_is_refused_in_one_line(transformer_run, tmp_path, capsys):
+    _, _, out = transformer_run
+    capsys.readouterr()
+    assert main(["train", "--scst", "--init", str(out / "last.npz"), "--out", str(tmp_path / "s"),
+                 "--sample-dropout", "0.2", "--max-iters", "1", "--quiet"]) != 0
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "--sample-dropout" in last and "TransformerCaptioningModel" in last
+
+
 def test_evaluate_report_shows_the_attention_maps(transformer_run, tmp_path):
     data, maps, out = transformer_run
     ev = tmp_path / "eval"

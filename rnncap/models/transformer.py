@@ -114,6 +114,8 @@ class TransformerCaptioningModel(CaptioningModel):
         p["b_vocab"] = np.zeros(V)
         return p
 
+    samples_with_dropout = False  # SCST's --sample-dropout masks are the LSTM models' (W, H)
+
     @property
     def spatial(self):
         """True when the memory is a spatial map (attention maps mean something)."""

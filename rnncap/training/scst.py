@@ -266,6 +266,9 @@ def run(args, ckpt, ckpt_path, resume):
     if model.input_dim != train_feats.shape[-1]:
         raise RnncapError(f"{data_cfg.features}: features are {train_feats.shape[-1]}-d but the "
                           f"checkpoint {ckpt_path} expects {model.input_dim}-d")
+    if train_cfg.sample_dropout and not getattr(model, "samples_with_dropout", True):
+        raise RnncapError(f"--sample-dropout: {ckpt_path} holds a {type(model).__name__}, which "
+                          f"samples without dropout masks (they are for the LSTM models)")
     if train_cfg.device != "cpu":
         model.to(train_cfg.device)
     encoder = encoder or ckpt.encoder
