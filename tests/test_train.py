@@ -521,3 +521,20 @@ def test_captioner_uses_the_checkpoints_decoding_defaults(tmp_path):
     assert cap.caption_features(feats, beam=1) == [vocab.decode(r) for r in greedy_decode(
         model, feats, max_length=6, banned=banned)]
     assert Captioner(model, vocab, None).decode == DecodeConfig(3, 0.0)
+
+
+def test_warmup_scales_the_first_updates_linearly(tmp_path):
+    """--warmup W: update i (counted from 1) runs at lr * i / W. Adam's first update is
+    proportional to its rate, so with W = 4 the first update is a quarter of the
+    update without warm-up (same batch, same dropout masks)."""
+    feats, caps, idx, vocab = toy_problem()
+    deltas = {}
+    for w in (0, 4):
+        m = CaptioningModel(len(vocab), feats.shape[1], 6, 10, cell_type="lstm", seed=3, dropout=0.3)
+        start = {k: v.copy() for k, v in m.params.items()}
+        cfg = TrainConfig(lr=1e-2, batch_size=8, epochs=1, seed=7, clip_norm=0.0, max_iters=1, warmup=w)
+        make_trainer(m, (feats, caps, idx), vocab, tmp_path / f"w{w}", cfg).fit()
+        deltas[w] = {k: m.params[k].astype(np.float64) - start[k] for k in start}
+    for k in deltas[0]:
+        np.testing.assert_allclose(deltas[4][k], deltas[0][k] / 4, rtol=1e-3, atol=1e-7, err_msg=k)
+    assert any(np.abs(d).max() > 1e-4 for d in deltas[0].values())

@@ -178,7 +178,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_resume_is_bitwise_exact_for_the_transformer(tmp_path):
-    """k steps, checkpoint, resume, m more == k+m steps (dropout on, stop mid-epoch)."""
+    """k steps, checkpoint, resume, m more == k+m steps (dropout on, stop mid-epoch,
+    and mid-warm-up: the learning rate's warm-up factor is counted over the whole run)."""
     from test_train import make_trainer, resume_trainer, toy_problem
 
     from rnncap.config import TrainConfig
@@ -186,7 +187,7 @@ def test_resume_is_bitwise_exact_for_the_transformer(tmp_path):
     feats, caps, idx, vocab = toy_problem()
     maps = np.random.default_rng(5).standard_normal((len(feats), LOC, feats.shape[1])).astype(np.float32)
     data = (maps, caps, idx)
-    base = dict(lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9)
+    base = dict(lr=1e-2, batch_size=8, epochs=4, seed=7, lr_decay=0.9, warmup=8)
 
     def model():
         return TransformerCaptioningModel(len(vocab), maps.shape[2], 8, 2, 2, 16, locations=LOC, seed=3,
@@ -198,7 +199,9 @@ def test_resume_is_bitwise_exact_for_the_transformer(tmp_path):
     t1.fit()
     t2 = resume_trainer(tmp_path / "a" / "last.npz", data, tmp_path / "a", TrainConfig(**base, max_iters=11))
     assert isinstance(t2.model, TransformerCaptioningModel) and t2.iteration == 5
+    assert t2._warmup() == 6 / 8  # the 6th update of 8 warm-up updates
     t2.fit()
+    assert t2._warmup() == 1.0
     for name in ref.params:
         assert np.array_equal(ref.params[name], t2.model.params[name]), name
 
