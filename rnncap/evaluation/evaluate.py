@@ -30,19 +30,23 @@ DIVERSITY_LABELS = {
     "mean_length": "mean length (words)",
     "top_caption": "most common caption",
     "top_caption_share": "its share of the images",
+    "mid_phrase_endings": "captions ending mid-phrase",
+    "repeated_words": "captions with a word twice in a row",
+    "repeated_trigrams": "captions with a trigram twice",
 }
 
 
 def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_length=30,
                    length_norm=0.0, captions=None, image_idx=None, batch_size=100,
-                   java=None, meteor=True):
+                   java=None, meteor=True, rules=None, bad_endings=None):
     """Decode, score and measure one split.
 
     features: (N, D) rows in the order of ``image_ids`` and ``references`` (a list of
     N lists of reference strings). beam: beam size for the scored captions (1 =
     greedy). captions/image_idx: encoded reference captions (M, T+1) and their image
     rows, for the perplexity (left out when None). java/meteor: as in
-    ``rnncap.evaluation.metrics.coco_metrics``.
+    ``rnncap.evaluation.metrics.coco_metrics``. rules: the decoders' ``Rules`` (None:
+    none); bad_endings: the words a caption should not end on, for the defect counts.
 
     Returns (summary, per_image, results):
       summary    the COCO metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; 0-1 scale), the
@@ -66,11 +70,11 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     greedy, beamed = [], []
     for start in range(0, N, batch_size):
         f = features[start:start + batch_size]
-        greedy += [vocab.decode(row) for row in greedy_decode(model, f, max_length=max_length,
-                                                                      banned=vocab.never_generated)]
+        greedy += [vocab.decode(row) for row in greedy_decode(
+            model, f, max_length=max_length, banned=vocab.never_generated, rules=rules)]
         if beam > 1:
             rows = beam_decode(model, f, beam_size=beam, max_length=max_length, length_norm=length_norm,
-                               banned=vocab.never_generated)
+                               banned=vocab.never_generated, rules=rules)
             beamed += [vocab.decode(row) for row in rows]
     scored = beamed if beam > 1 else greedy
 
@@ -78,7 +82,7 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     candidates = dict(zip(image_ids, scored))
     metrics, scores = coco_metrics(refs, candidates, java=java, meteor=meteor)
     summary = dict(metrics)
-    summary.update(diversity(candidates))
+    summary.update(diversity(candidates, bad_endings=bad_endings))
     if captions is not None:
         summary["perplexity"] = perplexity(model, features, captions, image_idx=image_idx)
     summary["decoder"] = f"beam-{beam}" if beam > 1 else "greedy"
