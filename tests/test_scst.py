@@ -316,7 +316,10 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropou
     assert train["sample_dropout"] == sample_dropout and train["ema"] == ema
     start = load_checkpoint(init)
     # decoding defaults: --beam as given, the length normalisation of --init
-    assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
+    assert {k: a.configs["decode"][k] for k in ("beam_size", "length_norm")} == \
+        {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
+    # The words that cannot end a caption come with the --init checkpoint, as its rules.
+    assert a.configs["decode"]["bad_endings"] == start.configs["decode"]["bad_endings"] != []
     best = load_checkpoint(tmp / "a" / "best.npz").train_state["best"]
     assert best["val_cider"] >= 0 and "epoch" in best
     assert start.configs["train"]["stage"] == "xe"
