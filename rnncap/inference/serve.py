@@ -372,7 +372,7 @@ def describe_checkpoint(path, average=None):
     m = ckpt.model
     return {
         "checkpoint": os.path.basename(os.fspath(path)),
-        "model": model_cfg.get("model", "h0"),
+        "model": model_cfg.get("model") or ("attention" if hasattr(m, "attention_dim") else "h0"),
         "model_class": type(m).__name__,
         "cell": getattr(m, "cell_type", model_cfg.get("cell_type")),
         "hidden_dim": getattr(m, "hidden_dim", None),
