@@ -55,7 +55,7 @@ class ScstObjective:
 
     ``loss(features, images)``: features (N, ...) of N images and ``images`` (N,) their
     rows in the scorer's reference sets. Draws ``samples`` captions per image with
-    ``sample_decode`` (the model's own softmax, temperature 1, no word banned: the
+    ``sample_decode`` (the model's own softmax, temperature 1, under ``rules`` only: the
     policy whose gradient is taken), scores them with ``scorer`` (a ``CiderD`` whose
     reference sets are the train images' ``reward_references``), and returns the
     model's loss with the advantages as per-token weights, and its gradients.
