@@ -229,10 +229,12 @@ def run(args, ckpt, ckpt_path, resume):
     the epoch with the best val CIDEr; the starting model is epoch 0, so best.npz is
     never worse on val than where the stage began.
     """
-    from ..config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
+    from ..config import DataConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
     from ..evaluation.cider import CiderD
     from ..data.datasets import load_dataset
-    from ..inference.decoding import rules_for
+    import dataclasses
+
+    from ..inference.decoding import rules_for, with_rule_arguments
     from .train import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
                         cider_val_fn, given_or_default, prepare_data, train_bad_endings, with_params)
 
@@ -254,8 +256,8 @@ def run(args, ckpt, ckpt_path, resume):
             sample_dropout=args.sample_dropout,
             select_beam=args.select_beam,
             **given_or_default(args, defaults, SimpleNamespace(**defaults)))
-        decode_cfg = DecodeConfig(**given_or_default(args, ("beam_size", "length_norm"), decode_cfg,
-                                                     {"beam_size": "beam"}))
+        decode_cfg = with_rule_arguments(dataclasses.replace(decode_cfg, **given_or_default(
+            args, ("beam_size", "length_norm"), decode_cfg, {"beam_size": "beam"})), args)
     if args.data:
         data_cfg.captions = args.data
     if args.features:

@@ -509,6 +509,9 @@ def add_arguments(p):
     g.add_argument("--length-norm", type=nonneg_float,
                    help=f"beam length normalisation recorded likewise (default "
                         f"{DecodeConfig().length_norm:g}; with --scst: the --init checkpoint's)")
+    from ..inference.decoding import add_rule_arguments
+
+    add_rule_arguments(g)  # recorded likewise; the val checks and SCST's sampler follow them
     g = p.add_argument_group("self-critical training (after cross-entropy; see rnncap.training.scst)")
     g.add_argument("--scst", action="store_true",
                    help="fine-tune the --init checkpoint on CIDEr-D with self-critical training")
@@ -538,6 +541,7 @@ def add_arguments(p):
 def run(args):
     from ..checkpoint import load_checkpoint
     from ..data.datasets import load_dataset
+    from ..inference.decoding import with_rule_arguments
     from ..models.model import build_model
 
     if args.weight_decay < 0 or args.clip < 0:
@@ -596,6 +600,7 @@ def run(args):
                                                    TrainConfig()))
         decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
                                                               DecodeConfig(), {"beam_size": "beam"}))
+        decode_cfg = with_rule_arguments(decode_cfg, args)
         pca = not args.no_pca
 
     comm = None
