@@ -339,7 +339,10 @@ def defects(captions, bad_endings=None):
       repeated_words      a word right after itself ("a a dog", "sled sled")
       repeated_trigrams   a trigram said twice ("a crowd of people ... a crowd of people")
       mid_phrase_endings  the last word is one of ``bad_endings`` ("... in front of a");
-                          only when ``bad_endings`` is given
+                          only when ``bad_endings`` is given. This counts captions
+                          cut at the decoder's maximum length too, which no rule
+                          about <END> can prevent (a loop such as "a group of a
+                          group of ..." is; trigram blocking stops those)
     """
     words = [c.split() if isinstance(c, str) else list(c) for c in captions]
     out = {
