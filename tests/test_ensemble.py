@@ -266,3 +266,12 @@ def test_server_and_page_show_the_members(members):
     # The page renders the members from /api/model, one line each.
     js = client.get("/static/app.js").text
     assert "m.members ? describeEnsemble(m)" in js and "m.members.map" in js
+
+
+def test_photos_after_several_checkpoints_get_a_clear_line(members, capsys):
+    from rnncap.cli import main
+
+    c = members["ckpts"]
+    assert main(["caption", "--checkpoint", str(c["h0a"]), members["photos"][0]]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "before --checkpoint" in err

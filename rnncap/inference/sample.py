@@ -257,7 +257,7 @@ def captioner_from_args(args, checkpoints=None):
 def add_arguments(p):
     from ..cli import nonneg_float, positive_int
 
-    p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
+    p.add_argument("photos", nargs="*", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
     add_checkpoint_arguments(p)
     p.add_argument("--beam", type=positive_int,
                    help="beam size; 1 = greedy (default: the checkpoint's; 3 for checkpoints that record none)")
@@ -299,6 +299,9 @@ def run(args):
     from ..errors import DataError
     from ..data.images import load_image
 
+    if not args.photos:  # --checkpoint takes every name after it
+        raise RnncapError("no photo given: name the photos before --checkpoint "
+                          "(rnncap caption PHOTO... --checkpoint CKPT...)")
     cap = captioner_from_args(args)
     if args.attention and not cap.attends:
         raise RnncapError(f"--attention: {' '.join(args.checkpoint)}: attention maps need one checkpoint "
