@@ -169,13 +169,14 @@ def run(args):
     paths = list(args.checkpoint)
     ckpts = [load_checkpoint(p) for p in paths]
     ckpt, vocab = ckpts[0], ckpts[0].vocab
-    decode = with_rule_arguments(decode_config(ckpt.configs), args)  # the first checkpoint's defaults
     if len(ckpts) > 1:
-        from ..inference.ensemble import ensemble_of
+        from ..inference.ensemble import ensemble_decode, ensemble_of
 
-        model = ensemble_of(ckpts, paths, average=args.ensemble or decode.ensemble)
+        decode = ensemble_decode(ckpts, args.ensemble)
+        model = ensemble_of(ckpts, paths, average=decode.ensemble)
     else:
-        model = ckpt.model
+        decode, model = decode_config(ckpt.configs), ckpt.model  # the checkpoint's decoding defaults
+    decode = with_rule_arguments(decode, args)
     beam = decode.beam_size if args.beam is None else args.beam
     length_norm = decode.length_norm if args.length_norm is None else args.length_norm
     data_cfg = ckpt.configs.get("data") or {}

@@ -153,3 +153,16 @@ def ensemble_of(checkpoints, paths, average="logprob"):
     their paths, after checking they share a vocabulary."""
     check_same_vocab([c.vocab for c in checkpoints], [str(p) for p in paths])
     return Ensemble([c.model for c in checkpoints], average=average, names=[str(p) for p in paths])
+
+
+def ensemble_decode(checkpoints, average=None):
+    """The decoding defaults of an ensemble: the first checkpoint's ``DecodeConfig``,
+    with the members' bad endings joined (they share a vocabulary, and so the words
+    that cannot end a caption) and ``average`` (None: the first checkpoint's)."""
+    import dataclasses
+
+    from ..config import decode_config
+
+    decode = decode_config(checkpoints[0].configs)
+    bad = sorted({w for c in checkpoints for w in decode_config(c.configs).bad_endings})
+    return dataclasses.replace(decode, bad_endings=bad, ensemble=average or decode.ensemble)

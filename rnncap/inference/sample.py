@@ -69,14 +69,10 @@ class Captioner:
         if len(ckpts) == 1:
             return cls(ckpts[0].model, ckpts[0].vocab, encoders[0], ckpts[0].pca, max_length=max_length,
                        decode=decode)
-        import dataclasses
+        from .ensemble import ensemble_decode, ensemble_of
 
-        from .ensemble import ensemble_of
-
-        model = ensemble_of(ckpts, paths, average=average or decode.ensemble)
-        # The members share a vocabulary, and so the words that cannot end a caption.
-        bad = sorted({w for c in ckpts for w in decode_config(c.configs).bad_endings})
-        decode = dataclasses.replace(decode, bad_endings=bad, ensemble=model.average)
+        decode = ensemble_decode(ckpts, average)
+        model = ensemble_of(ckpts, paths, average=decode.ensemble)
         return cls(model, ckpts[0].vocab, encoders, [c.pca for c in ckpts], max_length=max_length,
                    decode=decode)
 
