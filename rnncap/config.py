@@ -3,7 +3,7 @@ so a run can be resumed or a model rebuilt from the checkpoint alone."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -73,9 +73,22 @@ class TrainConfig:
 @dataclass
 class DecodeConfig:
     """How a checkpoint's captions are decoded unless told otherwise: beam size (1 =
-    greedy) and length normalisation (beam search ranks by logprob / len ** length_norm)."""
+    greedy) and length normalisation (beam search ranks by logprob / len ** length_norm).
+
+    rules: no <END> right after a word of ``bad_endings`` and no word right after
+    itself (``rnncap.inference.decoding.allowed``); block_trigrams: no trigram twice in
+    a caption. bad_endings: the words that (almost) never end a training caption,
+    derived from them at training time (``rnncap.data.vocab.bad_endings``); empty in
+    checkpoints written before there was a list (their rules are the no-repeat rule
+    alone, unless a command derives the list from the dataset it is given).
+    ensemble: how an ensemble averages its members' next-word distributions, "logprob"
+    (the mean of log-probabilities) or "prob" (of probabilities)."""
     beam_size: int = 3
     length_norm: float = 0.5
+    rules: bool = True
+    block_trigrams: bool = False
+    bad_endings: list = field(default_factory=list)
+    ensemble: str = "logprob"
 
 
 def decode_config(configs) -> DecodeConfig:

@@ -300,7 +300,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
 
     asked = []  # the real network is covered above; here the command's plumbing
 
-    def fake_get_encoder(name, weights=None, device="cpu", pooling="mean"):
+    def fake_get_encoder(name, weights=None, device="cpu", pooling="mean", image_size=None):
         asked.append((name, weights, device))
         return TinyEncoder(name)
 

@@ -102,7 +102,8 @@ def test_train_on_real_photos_then_caption_full_size_photos(tmp_path, flickr_sub
     # which here differs from ranking by log-probability alone (so a dropped argument shows)
     feats = cap.features(photos)
     by_norm = {a: [vocab.decode(r) for r in beam_decode(cap.model, feats, beam_size=3, max_length=cap.max_length,
-                                                          length_norm=a, banned=vocab.never_generated)]
+                                                          length_norm=a, banned=vocab.never_generated,
+                                                          rules=cap.rules)]
                for a in (0.0, 1.0, 2.0, 4.0)}
     differs = [a for a in (1.0, 2.0, 4.0) if by_norm[a] != by_norm[0.0]]
     assert differs, "length normalisation changed no caption"

@@ -286,7 +286,8 @@ def test_evaluate_command_with_a_feature_cache(eval_setup, capsys):
 
     orig = rnncap.encoding.encoders.get_encoder
     try:
-        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
+        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean", \
+            image_size=None: TinyEncoder(name)
         rc, out2, err = _evaluate(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp / "eval2"),
                                    "--json", "--no-meteor", "--beam", "2"], capsys)
     finally:
@@ -316,7 +317,8 @@ def test_evaluate_command_table_and_errors(eval_setup, capsys):
 
     orig = rnncap.encoding.encoders.get_encoder
     try:
-        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean": TinyEncoder(name)
+        rnncap.encoding.encoders.get_encoder = lambda name, weights=None, device="cpu", pooling="mean", \
+            image_size=None: TinyEncoder(name)
         rc, out, err = _evaluate(["--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp / "e"),
                                   "--beam", "1", "--max-images", "2", "--no-meteor"], capsys)
     finally:

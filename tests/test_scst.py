@@ -316,7 +316,10 @@ def test_scst_stage_checkpoints_and_resumes_exactly(xe_checkpoint, sample_dropou
     assert train["sample_dropout"] == sample_dropout and train["ema"] == ema
     start = load_checkpoint(init)
     # decoding defaults: --beam as given, the length normalisation of --init
-    assert a.configs["decode"] == {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
+    assert {k: a.configs["decode"][k] for k in ("beam_size", "length_norm")} == \
+        {"beam_size": 2, "length_norm": start.configs["decode"]["length_norm"]}
+    # The words that cannot end a caption come with the --init checkpoint, as its rules.
+    assert a.configs["decode"]["bad_endings"] == start.configs["decode"]["bad_endings"] != []
     best = load_checkpoint(tmp / "a" / "best.npz").train_state["best"]
     assert best["val_cider"] >= 0 and "epoch" in best
     assert start.configs["train"]["stage"] == "xe"
@@ -424,3 +427,34 @@ def test_the_draw_splits_a_batch_into_even_groups(monkeypatch):
         sizes.clear()
         ids, _ = obj.draw(np.repeat(np.random.default_rng(n).standard_normal((n, 6)), 2, axis=0))
         assert sorted(sizes) == want and len(ids) == 2 * n
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_samples_and_greedy_baseline_follow_the_rules(baseline):
+    # A model that wants to say w4 forever: without rules its samples stutter; with the
+    # checkpoint's rules neither the samples nor the greedy baseline may.
+    from rnncap.inference.decoding import Rules
+
+    model = small_model("lstm")
+    model.params["W_vocab"][:] = 0.0
+    model.params["b_vocab"][:] = -2.0
+    model.params["b_vocab"][4] = 6.0
+    model.params["b_vocab"][5] = 4.0
+    rules = Rules(bad_endings=(5,), no_repeat=True, block_trigrams=True)
+    feats = np.random.default_rng(0).standard_normal((3, model.input_dim))
+    scorer = FixedScorer()
+    plain = objective_for(model, FixedScorer(), samples=3, baseline=baseline)
+    plain.loss(feats, np.arange(3))
+    ruled = objective_for(model, scorer, samples=3, baseline=baseline, rules=rules)
+    ruled.loss(feats, np.arange(3))
+
+    def defective(words):
+        body = [w for w in words if w != "<END>"]
+        tri = list(zip(body, body[1:], body[2:]))
+        return (any(a == b for a, b in zip(body, body[1:])) or len(set(tri)) < len(tri)
+                or (words[-1:] == ["<END>"] and body[-1:] == ["w5"]))
+
+    assert any(defective(c) for c in plain.scorer.calls[0][0])
+    scored = [c for candidates, _ in scorer.calls for c in candidates]  # samples (and greedy)
+    assert len(scored) == 9 + (3 if baseline == "greedy" else 0)
+    assert not any(defective(c) for c in scored)

@@ -481,16 +481,19 @@ def test_rnncap_train_keeps_the_best_val_cider_and_records_decoding_defaults(tra
         assert kept["averaged"] == [1, 2] and kept["val_cider"] > max(cider)
     else:
         assert kept["val_cider"] == max(cider) and kept["epoch"] == 1 + int(np.argmax(cider))
-    assert best.configs["decode"] == {"beam_size": DecodeConfig().beam_size,
-                                      "length_norm": DecodeConfig().length_norm}
+    assert {k: best.configs["decode"][k] for k in ("beam_size", "length_norm", "rules", "block_trigrams")} \
+        == {"beam_size": DecodeConfig().beam_size, "length_norm": DecodeConfig().length_norm,
+            "rules": True, "block_trigrams": False}
+    assert best.configs["decode"]["bad_endings"]  # derived from the train captions
     assert best.configs["train"]["select"] == "cider" and best.configs["data"]["standardize"] is True
 
     out2 = tmp_path / "run2"
     assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out2), "--hidden", "8",
                  "--wordvec", "4", "--epochs", "1", "--batch-size", "8", "--beam", "5", "--length-norm", "0",
-                 "--select", "loss", "--quiet"]) == 0
+                 "--select", "loss", "--no-rules", "--block-trigrams", "--quiet"]) == 0
     ck = load_checkpoint(out2 / "best.npz")
-    assert ck.configs["decode"] == {"beam_size": 5, "length_norm": 0.0}
+    assert {k: ck.configs["decode"][k] for k in ("beam_size", "length_norm", "rules", "block_trigrams")} == \
+        {"beam_size": 5, "length_norm": 0.0, "rules": False, "block_trigrams": True}
     assert "val_cider" not in ck.history and "val_loss" in ck.train_state["best"]
 
     # rnncap evaluate decodes with them unless told otherwise
@@ -515,11 +518,13 @@ def test_captioner_uses_the_checkpoints_decoding_defaults(tmp_path):
     cap = Captioner(model, vocab, None, max_length=6, decode=DecodeConfig(4, 0.7))
     assert cap.decoding() == (4, 0.7) and cap.decoding(1, None) == (1, 0.7)
     banned = vocab.never_generated
+    rules = cap.rules  # the no-repeat rule: these checkpoints record no bad endings
+    assert rules.no_repeat and not rules.bad_endings
     want = [vocab.decode(r) for r in beam_decode(model, feats, beam_size=4, max_length=6, length_norm=0.7,
-                                                 banned=banned)]
+                                                 banned=banned, rules=rules)]
     assert cap.caption_features(feats) == want
     assert cap.caption_features(feats, beam=1) == [vocab.decode(r) for r in greedy_decode(
-        model, feats, max_length=6, banned=banned)]
+        model, feats, max_length=6, banned=banned, rules=rules)]
     assert Captioner(model, vocab, None).decode == DecodeConfig(3, 0.0)
 
 

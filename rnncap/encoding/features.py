@@ -398,6 +398,10 @@ def add_arguments(p):
                    help="keep the spatial map (L locations x C channels, float16) for the attention "
                         "model instead of pooling it: the head's 1280 channels (default) or the "
                         "last block's 320 (efficientnet-lite)")
+    p.add_argument("--input-size", type=positive_int, metavar="S",
+                   help="resize photos to S x S pixels (default: the encoder's own, 224 for "
+                        "efficientnet-lite0); a larger S gives a finer map, ceil(S / 32) a side: "
+                        "14 x 14 at 448. Recorded with the features, so captioning rebuilds it")
     p.add_argument("--weights", help="encoder weights file (vgg16 needs one; see docs/encoders.md)")
     p.add_argument("--pca", type=positive_int, metavar="K", help="also fit a K-dim PCA on the train features")
     p.add_argument("--pca-whiten", action="store_true", help="whiten the PCA (unit variance per component)")
@@ -437,7 +441,8 @@ def run(args):
     if args.pca and "train" not in items:
         raise RnncapError("--pca is fitted on the train split; include train in --splits")
     pooling = {None: "mean", "head": "map", "block": "block-map"}[args.maps]
-    encoder = get_encoder(args.encoder, weights=args.weights, device=args.device, pooling=pooling)
+    encoder = get_encoder(args.encoder, weights=args.weights, device=args.device, pooling=pooling,
+                          image_size=args.input_size)
     start = time.perf_counter()
     if args.ray:
         from .ray_features import run_from_args

@@ -259,13 +259,14 @@ def _write(f, groups, written, batch, stats):
 class EncoderRecipe:
     """``get_encoder`` arguments, picklable, for the workers: ``recipe(device=...)``."""
 
-    def __init__(self, name, weights=None, pooling="mean"):
-        self.name, self.weights, self.pooling = name, weights, pooling
+    def __init__(self, name, weights=None, pooling="mean", image_size=None):
+        self.name, self.weights, self.pooling, self.image_size = name, weights, pooling, image_size
 
     def __call__(self, device="cpu"):
         from .encoders import get_encoder
 
-        return get_encoder(self.name, weights=self.weights, device=device, pooling=self.pooling)
+        return get_encoder(self.name, weights=self.weights, device=device, pooling=self.pooling,
+                           image_size=self.image_size)
 
 
 def run_from_args(args, items, encoder, pooling):
@@ -276,7 +277,8 @@ def run_from_args(args, items, encoder, pooling):
     ray, started = connect(address)
     try:
         t1 = time.perf_counter()
-        done = extract_features_ray(items, EncoderRecipe(args.encoder, args.weights, pooling), args.out,
+        done = extract_features_ray(items, EncoderRecipe(args.encoder, args.weights, pooling,
+                                                                  getattr(args, "input_size", None)), args.out,
                                     batch_size=args.batch_size, progress=not args.quiet,
                                     pca_dim=args.pca, dataset=args.data, whiten=args.pca_whiten,
                                     actors=args.ray_actors, encoder=encoder,

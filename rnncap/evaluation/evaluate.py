@@ -30,19 +30,23 @@ DIVERSITY_LABELS = {
     "mean_length": "mean length (words)",
     "top_caption": "most common caption",
     "top_caption_share": "its share of the images",
+    "mid_phrase_endings": "captions ending mid-phrase",
+    "repeated_words": "captions with a word twice in a row",
+    "repeated_trigrams": "captions with a trigram twice",
 }
 
 
 def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_length=30,
                    length_norm=0.0, captions=None, image_idx=None, batch_size=100,
-                   java=None, meteor=True):
+                   java=None, meteor=True, rules=None, bad_endings=None):
     """Decode, score and measure one split.
 
     features: (N, D) rows in the order of ``image_ids`` and ``references`` (a list of
     N lists of reference strings). beam: beam size for the scored captions (1 =
     greedy). captions/image_idx: encoded reference captions (M, T+1) and their image
     rows, for the perplexity (left out when None). java/meteor: as in
-    ``rnncap.evaluation.metrics.coco_metrics``.
+    ``rnncap.evaluation.metrics.coco_metrics``. rules: the decoders' ``Rules`` (None:
+    none); bad_endings: the words a caption should not end on, for the defect counts.
 
     Returns (summary, per_image, results):
       summary    the COCO metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr; 0-1 scale), the
@@ -66,11 +70,11 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     greedy, beamed = [], []
     for start in range(0, N, batch_size):
         f = features[start:start + batch_size]
-        greedy += [vocab.decode(row) for row in greedy_decode(model, f, max_length=max_length,
-                                                                      banned=vocab.never_generated)]
+        greedy += [vocab.decode(row) for row in greedy_decode(
+            model, f, max_length=max_length, banned=vocab.never_generated, rules=rules)]
         if beam > 1:
             rows = beam_decode(model, f, beam_size=beam, max_length=max_length, length_norm=length_norm,
-                               banned=vocab.never_generated)
+                               banned=vocab.never_generated, rules=rules)
             beamed += [vocab.decode(row) for row in rows]
     scored = beamed if beam > 1 else greedy
 
@@ -78,7 +82,7 @@ def evaluate_split(model, vocab, features, references, image_ids, beam=3, max_le
     candidates = dict(zip(image_ids, scored))
     metrics, scores = coco_metrics(refs, candidates, java=java, meteor=meteor)
     summary = dict(metrics)
-    summary.update(diversity(candidates))
+    summary.update(diversity(candidates, bad_endings=bad_endings))
     if captions is not None:
         summary["perplexity"] = perplexity(model, features, captions, image_idx=image_idx)
     summary["decoder"] = f"beam-{beam}" if beam > 1 else "greedy"
@@ -126,7 +130,9 @@ def format_summary(summary):
 def add_arguments(p):
     from ..cli import nonneg_float, nonneg_int, positive_int
 
-    p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
+    from ..inference.sample import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p)
     p.add_argument("--data", required=True, help="dataset file or folder (any supported format)")
     p.add_argument("--split", default="val", help="split to evaluate (default %(default)s)")
     p.add_argument("--beam", type=positive_int,
@@ -134,8 +140,10 @@ def add_arguments(p):
     p.add_argument("--length-norm", type=nonneg_float,
                    help="beam length normalisation alpha: rank by logprob / len**alpha (default: the "
                         "checkpoint's; 0 = off for checkpoints that record none)")
-    p.add_argument("--features", help="HDF5 feature cache from `rnncap features` (default: the dataset's "
-                   "own features, else encode the photos with the checkpoint's encoder)")
+    p.add_argument("--features", nargs="+", metavar="FEATS",
+                   help="HDF5 feature cache(s) from `rnncap features` (default: the dataset's own "
+                        "features, else encode the photos with the checkpoint's encoder); with "
+                        "several checkpoints, each member reads the cache made by its encoder")
     p.add_argument("--weights", help="encoder weights file, for encoders that need one (vgg16)")
     p.add_argument("--image-dir", help="where the dataset's photos are, if not where it says")
     p.add_argument("--max-images", type=positive_int, help="evaluate only the first N images of the split")
@@ -149,15 +157,26 @@ def add_arguments(p):
 
 
 def run(args):
+    import dataclasses
+
     from ..checkpoint import load_checkpoint
     from ..data.datasets import encode_split, load_dataset
+    from ..inference.decoding import rules_for, with_rule_arguments
     from .report import write_report
 
     from ..config import decode_config
 
-    ckpt = load_checkpoint(args.checkpoint)
-    model, vocab = ckpt.model, ckpt.vocab
-    decode = decode_config(ckpt.configs)  # the checkpoint's decoding defaults
+    paths = list(args.checkpoint)
+    ckpts = [load_checkpoint(p) for p in paths]
+    ckpt, vocab = ckpts[0], ckpts[0].vocab
+    if len(ckpts) > 1:
+        from ..inference.ensemble import ensemble_decode, ensemble_of
+
+        decode = ensemble_decode(ckpts, args.ensemble)
+        model = ensemble_of(ckpts, paths, average=decode.ensemble)
+    else:
+        decode, model = decode_config(ckpt.configs), ckpt.model  # the checkpoint's decoding defaults
+    decode = with_rule_arguments(decode, args)
     beam = decode.beam_size if args.beam is None else args.beam
     length_norm = decode.length_norm if args.length_norm is None else args.length_norm
     data_cfg = ckpt.configs.get("data") or {}
@@ -169,11 +188,19 @@ def run(args):
     n = min(args.max_images or len(split), len(split))
     if n == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no images")
-    features = _split_features(args, ckpt, dataset, split, n)
-    if features.shape[-1] != model.input_dim or features.ndim != (3 if getattr(model, "spatial", False) else 2):
-        raise CheckpointError(f"{args.checkpoint}: the model expects {model.input_dim}-d "
-                              + ("spatial maps" if getattr(model, "spatial", False) else "features")
-                              + f" but the features for '{args.split}' have shape {features.shape[1:]}")
+    if not decode.bad_endings:  # a checkpoint from before the list: the dataset's train captions
+        from ..training.train import train_bad_endings
+
+        decode = dataclasses.replace(decode, bad_endings=train_bad_endings(dataset, vocab))
+    features = _member_features(args, paths, ckpts, dataset, split, n)
+    for path, member, feats in zip(paths, ckpts, features):
+        _check_feature_shape(path, member.model, feats, args.split)
+    if len(ckpts) > 1:
+        from ..inference.ensemble import MemberFeatures
+
+        features = MemberFeatures(features)
+    else:
+        features = features[0]
     if args.device != "cpu":
         model.to(args.device)
 
@@ -187,6 +214,8 @@ def run(args):
     image_ids = [split.image_ids[k] for k in rows]
     captions, image_idx = None, None
     try:
+        if len(ckpts) > 1:
+            raise DataError("an ensemble is not one model with a loss")
         caps, idx, _ = encode_split(split, vocab, train_max, data_cfg.get("too_long", "truncate"))
         new_row = np.full(len(split), -1, dtype=np.int64)
         new_row[rows] = np.arange(len(rows))
@@ -199,40 +228,48 @@ def run(args):
     summary, per_image, results = evaluate_split(
         model, vocab, features[rows], [split.references[k] for k in rows], image_ids,
         beam=beam, max_length=max_length, length_norm=length_norm, captions=captions,
-        image_idx=image_idx, meteor=not args.no_meteor)
+        image_idx=image_idx, meteor=not args.no_meteor, rules=rules_for(vocab, decode),
+        bad_endings=decode.bad_endings)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
-    meta = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-            "images": len(rows), "beam": beam, "length_norm": length_norm, "max_length": max_length}
+    meta = {"checkpoint": paths[0] if len(paths) == 1 else paths, "data": str(args.data),
+            "split": args.split, "images": len(rows), "beam": beam, "length_norm": length_norm,
+            "max_length": max_length, "rules": decode.rules, "block_trigrams": decode.block_trigrams}
+    if len(paths) > 1:
+        meta["ensemble"] = model.average
     (out / "metrics.json").write_text(json.dumps({"run": meta, "summary": summary, "per_image": per_image},
                                                  indent=1, ensure_ascii=False), encoding="utf-8")
     items = [{"image_id": split.image_ids[k], "image": split.image_paths[k], **per_image[split.image_ids[k]]}
              for k in rows[:args.report_images]]
     if getattr(model, "spatial", False):
         _add_attention_figures(items, model, vocab, features[rows[:args.report_images]], beam,
-                               max_length, length_norm)
-    title = f"rnncap evaluate: {Path(args.checkpoint).name} on {args.split} ({len(rows)} images)"
+                               max_length, length_norm, rules_for(vocab, decode))
+    names = " + ".join(Path(p).name for p in paths)
+    title = f"rnncap evaluate: {names} on {args.split} ({len(rows)} images)"
     report = write_report(out, items, summary, history=ckpt.history, title=title)
 
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
-        print(f"{args.split}: {len(rows)} images, {summary['decoder']} decoding, checkpoint {args.checkpoint}")
+        rules = ("rules on" if decode.rules else "rules off") + (", trigrams blocked" if decode.block_trigrams else "")
+        who = (f"checkpoint {paths[0]}" if len(paths) == 1
+               else f"ensemble ({model.average}) of {', '.join(paths)}")
+        print(f"{args.split}: {len(rows)} images, {summary['decoder']} decoding ({rules}), {who}")
         print("\n".join(format_summary(summary)))
     print(f"wrote {out / 'results.json'}, {out / 'metrics.json'}, {report}", file=sys.stderr)
     return 0
 
 
-def _add_attention_figures(items, model, vocab, features, beam, max_length, length_norm):
+def _add_attention_figures(items, model, vocab, features, beam, max_length, length_norm, rules=None):
     """Each report item of an attention model gets the figure of its scored caption:
     the photo and where each word looked (``rnncap.evaluation.report.attention_figure``)."""
     from ..inference.decoding import beam_search
     from .report import attention_figure
 
     hyps = beam_search(model, features, beam_size=beam, max_length=max_length, length_norm=length_norm,
-                       banned=vocab.never_generated, return_attention=True)
+                       banned=vocab.never_generated, return_attention=True, rules=rules)
     for item, (top,) in zip(items, hyps):
         words = vocab.decode(top.ids).split()
         side = int(round(top.attention.shape[1] ** 0.5))
@@ -244,10 +281,48 @@ def _add_attention_figures(items, model, vocab, features, beam, max_length, leng
                 print(f"note: no attention figure for {item['image_id']}: {e}", file=sys.stderr)
 
 
-def _split_features(args, ckpt, dataset, split, n):
+def _check_feature_shape(path, model, features, split):
+    attends = getattr(model, "spatial", False)
+    if features.shape[-1] != model.input_dim or features.ndim != (3 if attends else 2):
+        raise CheckpointError(f"{path}: the model expects {model.input_dim}-d "
+                              + ("spatial maps" if attends else "features")
+                              + f" but the features for '{split}' have shape {features.shape[1:]}")
+
+
+def _member_features(args, paths, ckpts, dataset, split, n):
+    """Each checkpoint's features for the first n images of the split. Given
+    --features, each checkpoint reads the cache whose recorded encoder identity is the
+    one it was trained with (one cache may serve several); a single cache and a single
+    checkpoint go together as before."""
+    from ..encoding.encoders import describe_mismatch
+    from ..encoding.features import read_identity
+
+    caches = list(args.features or [])
+    out = []
+    for path, ckpt in zip(paths, ckpts):
+        cache = None
+        if len(caches) == 1 and len(paths) == 1:
+            cache = caches[0]
+        elif caches:
+            if not ckpt.encoder:
+                raise CheckpointError(f"{path}: records no image encoder, so no --features cache can be "
+                                      f"matched to it")
+            idents = {c: read_identity(c) for c in caches}
+            cache = next((c for c in caches if not describe_mismatch(ckpt.encoder, idents[c])), None)
+            if cache is None:
+                raise CheckpointError(
+                    f"{path}: none of the --features caches was made by its encoder "
+                    f"({ckpt.encoder.get('name')}, pooling {ckpt.encoder.get('pooling') or 'mean'}, "
+                    f"{ckpt.encoder.get('image_size')} px): "
+                    + "; ".join(f"{c}: {describe_mismatch(ckpt.encoder, i)}" for c, i in idents.items()))
+        out.append(_split_features(args, path, ckpt, dataset, split, n, cache))
+    return out
+
+
+def _split_features(args, path, ckpt, dataset, split, n, cache=None):
     """(n, D) features for the first n images of the split, made the way the
-    checkpoint's training features were."""
-    if split.features is not None and not args.features:
+    checkpoint's training features were: from ``cache`` (an HDF5 file) when given."""
+    if split.features is not None and not cache:
         feats = np.asarray(split.features[:n], dtype=np.float32)
         if feats.shape[1] != ckpt.model.input_dim and dataset.name == "coco-cs231n":
             # Loaded with its 512-d PCA; the model may have been trained on raw fc7.
@@ -256,17 +331,17 @@ def _split_features(args, ckpt, dataset, split, n):
             fc7 = load_dataset(args.data, pca=False)[args.split]
             feats = np.asarray(fc7.features[:n], dtype=np.float32)
         return feats
-    if args.features:
-        return _cached_features(args.features, args.split, split.image_ids[:n], ckpt, args.checkpoint)
+    if cache:
+        return _cached_features(cache, args.split, split.image_ids[:n], ckpt, path)
     if not ckpt.encoder:
-        raise CheckpointError(f"{args.checkpoint}: records no image encoder and {args.data} ships no "
+        raise CheckpointError(f"{path}: records no image encoder and {args.data} ships no "
                               f"features: pass --features FEATS.h5")
     paths = split.image_paths[:n]
     if any(p is None for p in paths):
         raise DataError(f"{args.data}: split '{args.split}' has no image files to encode; pass --features")
     from ..inference.sample import Captioner
 
-    cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
+    cap = Captioner.from_checkpoint(path, weights=args.weights)
     rows = [np.asarray(cap.features(paths[i:i + 32]), dtype=np.float32) for i in range(0, n, 32)]
     return np.concatenate(rows)
 

@@ -287,7 +287,7 @@ def perplexity(model, features, captions, image_idx=None, batch_size=256):
 
 # ---- diversity -----------------------------------------------------------------------
 
-def diversity(captions_by_image):
+def diversity(captions_by_image, bad_endings=None):
     """How varied the generated captions are.
 
     captions_by_image: {image_id: caption} or {image_id: [captions]}. Captions are
@@ -303,6 +303,8 @@ def diversity(captions_by_image):
       mean_length          mean caption length in words
       top_caption          the most frequent caption
       top_caption_share    its share of all captions (1 = the same caption for every photo)
+      and the ``defects`` counts: repeated_words, repeated_trigrams and, given
+      ``bad_endings`` (words), mid_phrase_endings
     """
     per_image = {}
     for i, caps in captions_by_image.items():
@@ -326,4 +328,28 @@ def diversity(captions_by_image):
         "mean_length": float(np.mean([len(ws) for ws in words])),
         "top_caption": top,
         "top_caption_share": top_n / len(all_caps),
+        **defects(words, bad_endings),
     }
+
+
+def defects(captions, bad_endings=None):
+    """How many captions (strings or token lists) show each defect the decoding rules
+    forbid (``rnncap.inference.decoding.allowed``):
+
+      repeated_words      a word right after itself ("a a dog", "sled sled")
+      repeated_trigrams   a trigram said twice ("a crowd of people ... a crowd of people")
+      mid_phrase_endings  the last word is one of ``bad_endings`` ("... in front of a");
+                          only when ``bad_endings`` is given. This counts captions
+                          cut at the decoder's maximum length too, which no rule
+                          about <END> can prevent (a loop such as "a group of a
+                          group of ..." is; trigram blocking stops those)
+    """
+    words = [c.split() if isinstance(c, str) else list(c) for c in captions]
+    out = {
+        "repeated_words": sum(any(a == b for a, b in zip(ws, ws[1:])) for ws in words),
+        "repeated_trigrams": sum(len(set(tri := list(zip(ws, ws[1:], ws[2:])))) < len(tri) for ws in words),
+    }
+    if bad_endings is not None:
+        bad = set(bad_endings)
+        out["mid_phrase_endings"] = sum(bool(ws) and ws[-1] in bad for ws in words)
+    return out

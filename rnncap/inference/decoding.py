@@ -15,6 +15,14 @@ prefers, whatever the word. ``banned`` lists ids a decoder must never choose (th
 captioning commands pass <NULL>, <START> and <UNK>, so a user never reads "<UNK>");
 banning only removes choices: log-probabilities stay those of the model over the
 whole vocabulary.
+
+``rules`` (a ``Rules``, built by ``rules_for`` from a checkpoint's ``DecodeConfig``)
+forbid choices that depend on what a caption already says: ``<END>`` right after a
+word that (almost) never ends a training caption, a word right after itself, and,
+as an option, a trigram the caption already holds. One function, ``allowed``, applies
+``banned`` and the rules for every decoder (greedy, sampling, beam search, and so
+self-critical training's sampler), so training and captioning follow the same rules.
+Like ``banned``, they only remove choices.
 """
 from __future__ import annotations
 
@@ -25,13 +33,74 @@ import numpy as np
 from ..backend import to_numpy
 
 
-def _without(scores, banned, xp):
-    """scores with the banned columns set to -inf (a copy; the input is untouched)."""
-    if not banned:
+class Rules(NamedTuple):
+    """What a caption may not do next, given the words it already has.
+
+    bad_endings: ids after which <END> is forbidden (words that end almost no
+    training caption: "a", "of", "the", colours); no_repeat: no word right after
+    itself; block_trigrams: no word that would repeat a trigram of the caption.
+    """
+    bad_endings: tuple = ()
+    no_repeat: bool = False
+    block_trigrams: bool = False
+
+
+NO_RULES = Rules()
+
+
+def rules_for(vocab, decode):
+    """The ``Rules`` a ``DecodeConfig`` asks for, as ids of ``vocab``: with
+    ``decode.rules``, its ``bad_endings`` words (those the vocabulary knows) and no
+    repeats; trigram blocking with ``decode.block_trigrams``."""
+    if decode is None:
+        return NO_RULES
+    on = bool(getattr(decode, "rules", False))
+    ids = vocab.word_to_idx
+    bad = tuple(sorted(ids[w] for w in getattr(decode, "bad_endings", ()) or () if w in ids)) if on else ()
+    return Rules(bad, on, bool(getattr(decode, "block_trigrams", False)))
+
+
+def allowed(scores, history, end_id, banned=(), rules=None, xp=np):
+    """scores (N, V) with -inf wherever a word may not come next (a copy when anything
+    is forbidden; the input is untouched).
+
+    history: (N, t) host int ids each row has written so far (no <START>); banned: ids
+    never allowed; rules: a ``Rules`` or None.
+    """
+    rows, cols = _forbidden(np.asarray(history), end_id, rules or NO_RULES)
+    if not banned and not len(rows):
         return scores
     scores = scores.copy()
-    scores[:, xp.asarray(list(banned))] = -xp.inf
+    if banned:
+        scores[:, xp.asarray(list(banned))] = -xp.inf
+    if len(rows):
+        scores[xp.asarray(rows), xp.asarray(cols)] = -xp.inf
     return scores
+
+
+def _forbidden(history, end_id, rules):
+    """(rows, words): host index arrays of the (row, next word) pairs the rules forbid."""
+    N, t = history.shape
+    rows, cols = [], []
+    if t >= 1:
+        last = history[:, -1]
+        if rules.no_repeat:
+            rows.append(np.arange(N))
+            cols.append(last)
+        if rules.bad_endings:
+            r = np.nonzero(np.isin(last, rules.bad_endings))[0]
+            rows.append(r)
+            cols.append(np.full(len(r), end_id, dtype=history.dtype))
+    if rules.block_trigrams and t >= 3:
+        # Every earlier position i whose pair (w_i, w_i+1) is the caption's last pair:
+        # its w_i+2 would complete that trigram a second time.
+        hit = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])
+        r, i = np.nonzero(hit)
+        rows.append(r)
+        cols.append(history[r, i + 2])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
 
 
 def _step(model, words, state, masks, t):
@@ -42,8 +111,8 @@ def _step(model, words, state, masks, t):
 
 
 def _decode_word_by_word(model, features, max_length, choose, attention=False, masks=None):
-    """The loop greedy decoding and sampling share: feed <START>, let ``choose(scores)``
-    pick each next word (N,), stop once every caption has said <END>. ``masks``: None,
+    """The loop greedy decoding and sampling share: feed <START>, let ``choose(scores,
+    history)`` pick each next word (N,) given the (N, t) ids written so far, stop once every caption has said <END>. ``masks``: None,
     or dropout masks (mask_x (N, max_length, W), mask_h (N, max_length, H)), step t's
     slices passed to ``model.step``.
 
@@ -55,14 +124,14 @@ def _decode_word_by_word(model, features, max_length, choose, attention=False, m
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     xp = model.xp
     state = model.init_state(features)
-    N = state[0].shape[0]
+    N = state_rows(state)
     words = xp.full((N,), model.start_id, dtype=np.int64)
     out = np.full((N, max_length), model.null_id, dtype=np.int64)
     done = np.zeros(N, dtype=bool)
     alphas = np.zeros((N, max_length, state.alpha.shape[1]), np.float32) if attention else None
     for t in range(max_length):
         scores, state = _step(model, words, state, masks, t)
-        words = choose(scores)
+        words = choose(scores, out[:, :t])
         w = to_numpy(words)
         out[:, t] = np.where(done, model.null_id, w)
         if attention:
@@ -73,16 +142,26 @@ def _decode_word_by_word(model, features, max_length, choose, attention=False, m
     return (out, alphas) if attention else out
 
 
-def greedy_decode(model, features, max_length=30, banned=(), return_attention=False):
+def state_rows(state):
+    """Rows (images or hypotheses) of a decoder state: the first array's, looking
+    inside nested states (an ensemble's state holds its members')."""
+    while isinstance(state, tuple):
+        state = state[0]
+    return state.shape[0]
+
+
+def greedy_decode(model, features, max_length=30, banned=(), return_attention=False, rules=None):
     """Pick the most likely (allowed) word at every step.
 
     features: (N, D), or (N, L, D) maps for an attention model. Returns (N, max_length)
     int64 ids on the host: the words after <START>, with <END> kept and everything
     after it set to <NULL>. ``return_attention`` (attention models): returns (ids,
     alphas) with alphas (N, max_length, L), the weights each word was chosen with.
+    ``rules``: see ``allowed``.
     """
     xp = model.xp
-    choose = lambda scores: _without(scores, banned, xp).argmax(axis=1)  # noqa: E731
+    choose = lambda scores, history: allowed(  # noqa: E731
+        scores, history, model.end_id, banned, rules, xp).argmax(axis=1)
     parts = _in_shards(
         model, lambda part: _decode_word_by_word(model, part, max_length, choose, return_attention),
         features)
@@ -101,7 +180,7 @@ def _in_shards(model, fn, features):
 
 
 def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=None, banned=(),
-                  masks=None):
+                  masks=None, rules=None):
     """Draw every word from ``softmax(scores / temperature)``.
 
     features: (N, D). ``top_k`` > 0 keeps only the k highest-scoring words at each step
@@ -109,7 +188,8 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
     approach it. ``rng``: a ``numpy.random.Generator``, a seed, or None (fresh entropy);
     noise is drawn on the host so a seed gives the same captions on any device.
     ``masks``: dropout masks (mask_x (N, max_length, W), mask_h (N, max_length, H)) to
-    draw with, the model's dropout on (self-critical training); None: off.
+    draw with, the model's dropout on (self-critical training); None: off. ``rules``:
+    see ``allowed``; the softmax is over the allowed words.
 
     Returns (N, max_length) int64 ids laid out like ``greedy_decode``.
     """
@@ -120,8 +200,8 @@ def sample_decode(model, features, max_length=30, temperature=1.0, top_k=0, rng=
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     xp = model.xp
 
-    def choose(scores):
-        scores = _without(scores.astype(np.float64), banned, xp)
+    def choose(scores, history):
+        scores = allowed(scores.astype(np.float64), history, model.end_id, banned, rules, xp)
         N, V = scores.shape
         if 0 < top_k < V:
             kth = -xp.partition(-scores, top_k - 1, axis=1)[:, top_k - 1:top_k]
@@ -155,7 +235,7 @@ class Hypothesis(NamedTuple):
     attention: np.ndarray | None = None
 
 
-def _select_state(model, state, rows):
+def select_rows(model, state, rows):
     """Rows of a decoder state: the model's ``select_state`` (an attention state keeps
     one copy of each image's map), else every array of the tuple indexed."""
     select = getattr(model, "select_state", None)
@@ -163,7 +243,7 @@ def _select_state(model, state, rows):
 
 
 def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_best=1, banned=(),
-                return_attention=False):
+                return_attention=False, rules=None):
     """Beam search over all images at once.
 
     features: (N, D). The N*k live hypotheses run through ``model.step`` as one
@@ -183,7 +263,8 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
     ``max_length`` steps, the best unfinished ones (no <END>, ``max_length`` ids) after
     them. Each list holds ``n_best`` distinct hypotheses (fewer only for a vocabulary
     too small to make that many). ``return_attention`` (attention models) fills each
-    hypothesis's ``attention``.
+    hypothesis's ``attention``. ``rules``: see ``allowed`` (applied to each
+    hypothesis's own words).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -193,19 +274,19 @@ def beam_search(model, features, beam_size=3, max_length=30, length_norm=0.0, n_
         raise ValueError(f"length_norm must be >= 0, got {length_norm}")
     return [hyps for part in _in_shards(
         model, lambda f: _beam_search(model, f, beam_size, max_length, length_norm, n_best, banned,
-                                      return_attention),
+                                      return_attention, rules),
         features) for hyps in part]
 
 
-def _beam_search(model, features, beam_size, max_length, length_norm, n_best, banned, attention):
+def _beam_search(model, features, beam_size, max_length, length_norm, n_best, banned, attention, rules):
     xp = model.xp
     k = int(beam_size)
     state = model.init_state(features)
-    N = state[0].shape[0]
+    N = state_rows(state)
     if N == 0:  # nothing to search (its reshapes need an image)
         return []
     # rows n*k .. n*k+k-1 are image n
-    state = _select_state(model, state, xp.repeat(xp.arange(N), k))
+    state = select_rows(model, state, xp.repeat(xp.arange(N), k))
     words = xp.full((N * k,), model.start_id, dtype=np.int64)
     # All k copies start identical; only the first is live, so no hypothesis repeats.
     cum = np.full((N, k), -np.inf)
@@ -222,8 +303,9 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
             step_alpha = to_numpy(state.alpha).reshape(N, k, 1, -1)
             alphas = np.concatenate([alphas, step_alpha], axis=2)
         V = scores.shape[1]
-        total = xp.asarray(cum).reshape(N * k, 1) + _log_softmax(scores, xp)
-        total = _without(total, banned, xp).reshape(N, k * V)
+        total = xp.asarray(cum).reshape(N * k, 1) + log_softmax(scores, xp)
+        total = allowed(total, tokens.reshape(N * k, -1), model.end_id, banned, rules,
+                        xp).reshape(N, k * V)
         m = min(2 * k, k * V)
         idx = xp.argpartition(-total, m - 1, axis=1)[:, :m]
         cand = xp.take_along_axis(total, idx, axis=1)
@@ -249,7 +331,7 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
         if attention:
             alphas = alphas[rows, sel_beam]
         parent = xp.asarray((rows * k + sel_beam).reshape(-1))
-        state = _select_state(model, state, parent)
+        state = select_rows(model, state, parent)
         words = xp.asarray(sel_word.reshape(-1))
 
         best_reachable = cum[:, 0] / max_length ** length_norm
@@ -273,11 +355,11 @@ def _beam_search(model, features, beam_size, max_length, length_norm, n_best, ba
     return out
 
 
-def beam_decode(model, features, beam_size=3, max_length=30, length_norm=0.0, banned=()):
+def beam_decode(model, features, beam_size=3, max_length=30, length_norm=0.0, banned=(), rules=None):
     """The top beam-search caption of each image as (N, max_length) int64 ids, padded
     with <NULL> after <END> exactly like ``greedy_decode``."""
     hyps = beam_search(model, features, beam_size=beam_size, max_length=max_length,
-                       length_norm=length_norm, n_best=1, banned=banned)
+                       length_norm=length_norm, n_best=1, banned=banned, rules=rules)
     out = np.full((len(hyps), max_length), model.null_id, dtype=np.int64)
     for n, h in enumerate(hyps):
         out[n, :len(h[0].ids)] = h[0].ids
@@ -313,20 +395,42 @@ def sequence_log_prob(model, features, ids, masks=None):
     xp = model.xp
     state = model.init_state(features)
     N, T = ids.shape
-    if state[0].shape[0] != N:
-        raise ValueError(f"features hold {state[0].shape[0]} images but ids hold {N} captions")
+    if state_rows(state) != N:
+        raise ValueError(f"features hold {state_rows(state)} images but ids hold {N} captions")
     words = xp.full((N,), model.start_id, dtype=np.int64)
     total = np.zeros(N, dtype=np.float64)
     for t in range(int(lengths.max(initial=0))):
         scores, state = _step(model, words, state, masks, t)
         words = xp.asarray(ids[:, t])
-        lp = to_numpy(_log_softmax(scores, xp)[xp.arange(N), words])
+        lp = to_numpy(log_softmax(scores, xp)[xp.arange(N), words])
         total += np.where(t < lengths, lp, 0.0)
     return total
 
 
-def _log_softmax(scores, xp):
+def log_softmax(scores, xp):
     """log softmax over the last axis, in float64 so long sums keep their precision."""
     s = scores.astype(np.float64)
     s = s - s.max(axis=1, keepdims=True)
     return s - xp.log(xp.exp(s).sum(axis=1, keepdims=True))
+
+
+# ---- the commands' decoding flags ------------------------------------------------------
+
+def add_rule_arguments(p):
+    """--rules/--no-rules and --block-trigrams/--no-block-trigrams, for every command
+    that decodes; unset, the checkpoint's ``DecodeConfig`` decides."""
+    from argparse import BooleanOptionalAction
+
+    p.add_argument("--rules", action=BooleanOptionalAction, default=None,
+                   help="no <END> after a word that (almost) never ends a training caption, no word "
+                        "right after itself (default: the checkpoint's; on)")
+    p.add_argument("--block-trigrams", action=BooleanOptionalAction, default=None,
+                   help="no trigram twice in a caption (default: the checkpoint's; off)")
+
+
+def with_rule_arguments(decode, args):
+    """``decode`` (a ``DecodeConfig``) with the rule flags ``args`` set (a copy)."""
+    import dataclasses
+
+    given = {k: getattr(args, k, None) for k in ("rules", "block_trigrams")}
+    return dataclasses.replace(decode, **{k: v for k, v in given.items() if v is not None})

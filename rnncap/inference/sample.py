@@ -17,11 +17,15 @@ from ..errors import CheckpointError, RnncapError
 
 
 class Captioner:
-    """Photo in, caption out, with everything taken from one checkpoint.
+    """Photo in, caption out, with everything taken from one checkpoint (or several:
+    an ensemble).
 
-    decode: the decoding defaults (a ``DecodeConfig``: beam size, length normalisation)
-    that the methods use when their ``beam``/``length_norm`` are None; from a checkpoint,
-    the ones it records (older checkpoints: beam 3, no length normalisation).
+    decode: the decoding defaults (a ``DecodeConfig``: beam size, length normalisation,
+    the decoding rules) that the methods use when their ``beam``/``length_norm`` are
+    None; from a checkpoint, the ones it records (older checkpoints: beam 3, no length
+    normalisation). For an ensemble (``model`` an ``Ensemble``), ``encoder`` and
+    ``pca`` are lists, one per member; members with the same encoder identity share one
+    ``Encoder`` object, and each photo is encoded once per distinct encoder.
     """
 
     def __init__(self, model, vocab, encoder, pca=None, max_length=30, decode=None):
@@ -31,53 +35,75 @@ class Captioner:
         self.max_length = max_length
         self.decode = decode if decode is not None else decode_config({})
 
+    @property
+    def rules(self):
+        """The decoders' ``Rules`` from ``decode`` (``rnncap.inference.decoding.rules_for``)."""
+        from .decoding import rules_for
+
+        return rules_for(self.vocab, self.decode)
+
     def decoding(self, beam=None, length_norm=None):
         """(beam, length_norm): the ones given, else this captioner's defaults."""
         return (self.decode.beam_size if beam is None else beam,
                 self.decode.length_norm if length_norm is None else length_norm)
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", weights=None):
-        """Load a checkpoint and the image encoder it was trained with.
+    def from_checkpoint(cls, path, device="cpu", weights=None, average=None):
+        """Load a checkpoint and the image encoder it was trained with; several paths
+        (a list of two or more) make an ensemble of them (``average``: "logprob" or
+        "prob"; default the first checkpoint's ``DecodeConfig.ensemble``).
 
         weights: a weights file for encoders that need one supplied (vgg16).
         """
         from ..checkpoint import load_checkpoint
-        from ..encoding.encoders import describe_mismatch, get_encoder
-
-        ckpt = load_checkpoint(path, device=device)
-        ident = ckpt.encoder
-        if not ident:
-            raise CheckpointError(
-                f"{path}: records no image encoder (it was trained on features that came with "
-                f"the dataset), so it can caption features but not photos")
-        encoder = get_encoder(ident["name"], weights=weights, pooling=ident.get("pooling") or "mean")
-        diff = describe_mismatch(ident, encoder.identity())
-        if diff:
-            raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
-                                  f"available here ({diff})")
-        from ..encoding.features import transformed_dim
-
-        expected = transformed_dim(ckpt.pca, encoder.feature_dim)
-        if expected != ckpt.model.input_dim:
-            raise CheckpointError(f"{path}: the model expects {ckpt.model.input_dim}-d features "
-                                  f"but its encoder and PCA give {expected}-d")
-        data_cfg = ckpt.configs.get("data") or {}
-        max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
         from ..config import decode_config
 
-        return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length,
-                   decode=decode_config(ckpt.configs))
+        paths = [path] if isinstance(path, (str, bytes)) or not hasattr(path, "__iter__") else list(path)
+        ckpts = [load_checkpoint(p, device=device) for p in paths]
+        encoders, shared = [], {}
+        for p, ckpt in zip(paths, ckpts):
+            encoders.append(_member_encoder(p, ckpt, weights, shared))
+        data_cfg = ckpts[0].configs.get("data") or {}
+        max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
+        decode = decode_config(ckpts[0].configs)
+        if len(ckpts) == 1:
+            return cls(ckpts[0].model, ckpts[0].vocab, encoders[0], ckpts[0].pca, max_length=max_length,
+                       decode=decode)
+        from .ensemble import ensemble_decode, ensemble_of
+
+        decode = ensemble_decode(ckpts, average)
+        model = ensemble_of(ckpts, paths, average=decode.ensemble)
+        return cls(model, ckpts[0].vocab, encoders, [c.pca for c in ckpts], max_length=max_length,
+                   decode=decode)
+
+    @property
+    def members(self):
+        """The ensemble's members (one model: itself), with their encoders and PCA."""
+        if isinstance(self.encoder, list):
+            return list(zip(self.model.members, self.encoder, self.pca))
+        return [(self.model, self.encoder, self.pca)]
 
     def features(self, images):
         """Encoder features (after the feature transform, if any) for a list of paths /
         PIL images: (N, D) float32, or (N, L, D) maps for an attention model, exactly
-        as ``rnncap features`` and ``rnncap train`` computed them."""
+        as ``rnncap features`` and ``rnncap train`` computed them. For an ensemble, a
+        ``MemberFeatures`` of each member's, every photo encoded once per distinct
+        encoder."""
         from ..encoding.features import apply_pca
         from ..data.images import load_image
 
-        feats = self.encoder.encode([load_image(im) for im in images])
-        return apply_pca(feats, self.pca) if self.pca is not None else feats
+        loaded = [load_image(im) for im in images]
+        encoded, arrays = {}, []
+        for _, encoder, pca in self.members:
+            if id(encoder) not in encoded:
+                encoded[id(encoder)] = encoder.encode(loaded)
+            feats = encoded[id(encoder)]
+            arrays.append(apply_pca(feats, pca) if pca is not None else feats)
+        if not isinstance(self.encoder, list):
+            return arrays[0]
+        from .ensemble import MemberFeatures
+
+        return MemberFeatures(arrays)
 
     @property
     def attends(self):
@@ -93,14 +119,15 @@ class Captioner:
         if attention and not self.attends:
             raise ValueError("this checkpoint's model does not attend over a spatial map: only "
                              "attention models and Transformers trained on maps have attention maps")
-        L, banned = max_length or self.max_length, self.vocab.never_generated
+        L, banned, rules = max_length or self.max_length, self.vocab.never_generated, self.rules
         if beam <= 1:
-            out = greedy_decode(self.model, feats, max_length=L, banned=banned, return_attention=attention)
+            out = greedy_decode(self.model, feats, max_length=L, banned=banned, return_attention=attention,
+                                rules=rules)
             ids, alphas = out if attention else (out, None)
             return [[(row, None, None if alphas is None else alphas[i])] for i, row in enumerate(ids)]
         return [[(h.ids, h.logprob, h.attention) for h in hyps] for hyps in beam_search(
             self.model, feats, beam_size=beam, max_length=L, length_norm=length_norm, n_best=n,
-            banned=banned, return_attention=attention)]
+            banned=banned, return_attention=attention, rules=rules)]
 
     def _attention_maps(self, ids, alphas):
         """(n_words, side, side) float32: where each word of ``vocab.decode(ids)`` was
@@ -170,11 +197,65 @@ class Captioner:
         return out
 
 
+def _member_encoder(path, ckpt, weights, shared):
+    """The image encoder a checkpoint was trained with, checked against what it gives
+    here; ``shared`` maps an identity to the encoder already built for it, so members
+    trained on the same features share one."""
+    import json
+
+    from ..encoding.encoders import describe_mismatch, get_encoder
+    from ..encoding.features import transformed_dim
+
+    ident = ckpt.encoder
+    if not ident:
+        raise CheckpointError(
+            f"{path}: records no image encoder (it was trained on features that came with "
+            f"the dataset), so it can caption features but not photos")
+    key = json.dumps(ident, sort_keys=True)
+    if key not in shared:
+        encoder = get_encoder(ident["name"], weights=weights, pooling=ident.get("pooling") or "mean",
+                              image_size=ident.get("image_size"))
+        diff = describe_mismatch(ident, encoder.identity())
+        if diff:
+            raise CheckpointError(f"{path}: trained with another {ident['name']} encoder than the one "
+                                  f"available here ({diff})")
+        shared[key] = encoder
+    encoder = shared[key]
+    expected = transformed_dim(ckpt.pca, encoder.feature_dim)
+    if expected != ckpt.model.input_dim:
+        raise CheckpointError(f"{path}: the model expects {ckpt.model.input_dim}-d features "
+                              f"but its encoder and PCA give {expected}-d")
+    return encoder
+
+
+def add_checkpoint_arguments(p, required=True, help="a checkpoint from `rnncap train`"):
+    """--checkpoint A.npz [B.npz ...] and --ensemble, shared by the commands that caption."""
+    from .decoding import add_rule_arguments
+    from .ensemble import AVERAGES
+
+    p.add_argument("--checkpoint", nargs="+", required=required, metavar="CKPT",
+                   help=help + "; several make an ensemble that averages their next-word distributions")
+    p.add_argument("--ensemble", choices=AVERAGES,
+                   help="how an ensemble averages: the mean of log-probabilities or of probabilities "
+                        "(default: the first checkpoint's; logprob)")
+    add_rule_arguments(p)
+
+
+def captioner_from_args(args, checkpoints=None):
+    """The ``Captioner`` of --checkpoint (one or several), with the rule flags applied."""
+    from .decoding import with_rule_arguments
+
+    cap = Captioner.from_checkpoint(checkpoints or args.checkpoint, weights=getattr(args, "weights", None),
+                                    average=getattr(args, "ensemble", None))
+    cap.decode = with_rule_arguments(cap.decode, args)
+    return cap
+
+
 def add_arguments(p):
     from ..cli import nonneg_float, positive_int
 
-    p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint from `rnncap train`")
+    p.add_argument("photos", nargs="*", metavar="PHOTO", help="image files (JPEG, PNG, ...)")
+    add_checkpoint_arguments(p)
     p.add_argument("--beam", type=positive_int,
                    help="beam size; 1 = greedy (default: the checkpoint's; 3 for checkpoints that record none)")
     p.add_argument("--length-norm", type=nonneg_float,
@@ -215,11 +296,15 @@ def run(args):
     from ..errors import DataError
     from ..data.images import load_image
 
-    cap = Captioner.from_checkpoint(args.checkpoint, weights=args.weights)
+    if not args.photos:  # --checkpoint takes every name after it
+        raise RnncapError("no photo given: name the photos before --checkpoint "
+                          "(rnncap caption PHOTO... --checkpoint CKPT...)")
+    cap = captioner_from_args(args)
     if args.attention and not cap.attends:
-        raise RnncapError(f"--attention: {args.checkpoint} holds a model that does not attend over "
-                          f"a spatial map; attention maps need one trained with --model attention, "
-                          f"or --model transformer on `rnncap features --maps`")
+        raise RnncapError(f"--attention: {' '.join(args.checkpoint)}: attention maps need one checkpoint "
+                          f"whose model attends over a spatial map (--model attention, or --model "
+                          f"transformer on `rnncap features --maps`); an h0 model only starts from "
+                          f"the image, and an ensemble has no one map")
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then

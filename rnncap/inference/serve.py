@@ -353,17 +353,26 @@ def decoding_defaults(captioner):
     return out
 
 
-def describe_checkpoint(path):
+def describe_checkpoint(path, average=None):
     """What ``GET /api/model`` says: model type, cell, sizes, encoder, vocabulary,
-    training data and the validation metrics stored with the checkpoint."""
+    training data and the validation metrics stored with the checkpoint. Several paths
+    (an ensemble): "model": "ensemble", how it averages, and "members", each described
+    as one checkpoint."""
     from ..checkpoint import load_checkpoint
 
+    if isinstance(path, (list, tuple)):
+        if len(path) > 1:
+            members = [describe_checkpoint(p) for p in path]
+            return {"checkpoint": " + ".join(m["checkpoint"] for m in members), "model": "ensemble",
+                    "model_class": "Ensemble", "ensemble": average, "vocab_size": members[0]["vocab_size"],
+                    "members": members}
+        path = path[0]
     ckpt = load_checkpoint(path)
     model_cfg = ckpt.configs.get("model") or {}
     m = ckpt.model
     return {
         "checkpoint": os.path.basename(os.fspath(path)),
-        "model": model_cfg.get("model", "h0"),
+        "model": model_cfg.get("model") or ("attention" if hasattr(m, "attention_dim") else "h0"),
         "model_class": type(m).__name__,
         "cell": getattr(m, "cell_type", model_cfg.get("cell_type")),
         "hidden_dim": getattr(m, "hidden_dim", None),
@@ -394,9 +403,10 @@ def _val_metrics(ckpt):
 def add_arguments(p):
     from ..cli import positive_float, positive_int
 
-    p.add_argument("--checkpoint",
-                   help=f"a checkpoint from `rnncap train` (default: {DEMO_CHECKPOINT}, "
-                        f"made by `rnncap demo`)")
+    from .sample import add_checkpoint_arguments
+
+    add_checkpoint_arguments(p, required=False, help=f"a checkpoint from `rnncap train` (default: "
+                                                     f"{DEMO_CHECKPOINT}, made by `rnncap demo`)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; "
                         "0.0.0.0 exposes the server to the network)")
@@ -422,25 +432,27 @@ def add_arguments(p):
 def run(args):
     import uvicorn
 
-    from .sample import Captioner
 
-    path = args.checkpoint or DEMO_CHECKPOINT
-    if not os.path.isfile(path):
-        if args.checkpoint:
-            raise CheckpointError(f"{path}: no such checkpoint file")
-        raise CheckpointError(f"no checkpoint given and none at {DEMO_CHECKPOINT}: run `rnncap demo` "
-                              f"to make one, or pass --checkpoint runs/.../best.npz")
+    from .sample import captioner_from_args
+
+    paths = args.checkpoint or [DEMO_CHECKPOINT]
+    for path in paths:
+        if not os.path.isfile(path):
+            if args.checkpoint:
+                raise CheckpointError(f"{path}: no such checkpoint file")
+            raise CheckpointError(f"no checkpoint given and none at {DEMO_CHECKPOINT}: run `rnncap demo` "
+                                  f"to make one, or pass --checkpoint runs/.../best.npz")
     if args.max_pending < args.workers:
         raise RnncapError(f"--max-pending ({args.max_pending}) must be at least --workers ({args.workers})")
     limits = Limits(max_bytes=int(args.max_upload_mb * MB), max_files=args.max_files,
                     max_pixels=args.max_pixels, workers=args.workers, max_pending=args.max_pending)
     sock = _listen(args.host, args.port)
-    captioner = Captioner.from_checkpoint(path, weights=args.weights)
-    app = create_app(captioner, info=describe_checkpoint(path), limits=limits,
-                     cors_origins=args.cors_origin)
+    captioner = captioner_from_args(args, paths)
+    app = create_app(captioner, info=describe_checkpoint(paths, average=captioner.decode.ensemble),
+                     limits=limits, cors_origins=args.cors_origin)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-    print(f"rnncap serve: {path} at {url}  (Ctrl-C stops)", flush=True)
+    print(f"rnncap serve: {' + '.join(paths)} at {url}  (Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="info" if args.access_log else "warning",
                             access_log=args.access_log, timeout_graceful_shutdown=10)
     try:

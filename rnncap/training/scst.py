@@ -55,7 +55,7 @@ class ScstObjective:
 
     ``loss(features, images)``: features (N, ...) of N images and ``images`` (N,) their
     rows in the scorer's reference sets. Draws ``samples`` captions per image with
-    ``sample_decode`` (the model's own softmax, temperature 1, no word banned: the
+    ``sample_decode`` (the model's own softmax, temperature 1, under ``rules`` only: the
     policy whose gradient is taken), scores them with ``scorer`` (a ``CiderD`` whose
     reference sets are the train images' ``reward_references``), and returns the
     model's loss with the advantages as per-token weights, and its gradients.
@@ -67,6 +67,11 @@ class ScstObjective:
     cross-entropy training) that the sampler applied at every step and the loss applies
     again. Either way the gradient is that of the drawn captions' own probability.
 
+    rules: the decoding rules (``rnncap.inference.decoding.Rules``) the captions are
+    drawn under: the checkpoint's own, so that training sees only captions that
+    captioning allows. Each word is drawn from the softmax renormalised over the
+    allowed words; the gradient is that of the model's own log-probability of the
+    drawn captions, as without rules.
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
     ``stats()``: the mean reward (and baseline) of the last batch, for the progress bar.
 
@@ -79,7 +84,7 @@ class ScstObjective:
     """
 
     def __init__(self, model, vocab, scorer, samples=5, baseline="mean", max_length=17, rng=None,
-                 dropout=0.0):
+                 dropout=0.0, rules=None):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if baseline not in BASELINES:
@@ -90,6 +95,7 @@ class ScstObjective:
         self.model, self.vocab, self.scorer = model, vocab, scorer
         self.samples, self.baseline, self.max_length = int(samples), baseline, int(max_length)
         self.dropout = float(dropout)
+        self.rules = rules
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self._words = np.asarray(vocab.idx_to_word, dtype=object)
         self._stats = {}
@@ -124,7 +130,7 @@ class ScstObjective:
             base = (rewards.sum(axis=1, keepdims=True) - rewards) / (K - 1)
         else:
             greedy = greedy_decode(model, features, max_length=self.max_length,
-                                   banned=self.vocab.never_generated)
+                                   banned=self.vocab.never_generated, rules=self.rules)
             base = self.scorer.score(self.tokens(greedy, self.lengths(greedy)), images)[:, None]
         advantage = (rewards - base).reshape(-1)
 
@@ -165,7 +171,8 @@ class ScstObjective:
             masks = None if self.dropout <= 0 else tuple(
                 dropout_mask((len(part), self.max_length, dim), self.dropout, rng, model.dtype, xp)
                 for dim in (model.wordvec_dim, model.hidden_dim))
-            return sample_decode(model, part, max_length=self.max_length, rng=rng, masks=masks), masks
+            return sample_decode(model, part, max_length=self.max_length, rng=rng, masks=masks,
+                                 rules=self.rules), masks
 
         if len(groups) == 1:
             return one(groups[0], seeds[0])
@@ -222,11 +229,14 @@ def run(args, ckpt, ckpt_path, resume):
     the epoch with the best val CIDEr; the starting model is epoch 0, so best.npz is
     never worse on val than where the stage began.
     """
-    from ..config import DataConfig, DecodeConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
+    from ..config import DataConfig, ModelConfig, TrainConfig, decode_config, from_dict, to_dict
     from ..evaluation.cider import CiderD
     from ..data.datasets import load_dataset
+    import dataclasses
+
+    from ..inference.decoding import rules_for, with_rule_arguments
     from .train import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
-                        cider_val_fn, given_or_default, prepare_data, with_params)
+                        cider_val_fn, given_or_default, prepare_data, train_bad_endings, with_params)
 
     data_cfg = from_dict(DataConfig, ckpt.configs.get("data"))
     model_cfg = from_dict(ModelConfig, ckpt.configs.get("model"))
@@ -246,8 +256,8 @@ def run(args, ckpt, ckpt_path, resume):
             sample_dropout=args.sample_dropout,
             select_beam=args.select_beam,
             **given_or_default(args, defaults, SimpleNamespace(**defaults)))
-        decode_cfg = DecodeConfig(**given_or_default(args, ("beam_size", "length_norm"), decode_cfg,
-                                                     {"beam_size": "beam"}))
+        decode_cfg = with_rule_arguments(dataclasses.replace(decode_cfg, **given_or_default(
+            args, ("beam_size", "length_norm"), decode_cfg, {"beam_size": "beam"})), args)
     if args.data:
         data_cfg.captions = args.data
     if args.features:
@@ -258,6 +268,8 @@ def run(args, ckpt, ckpt_path, resume):
     dataset = load_dataset(data_cfg.captions)
     vocab, model = ckpt.vocab, ckpt.model
     check_vocab_matches(vocab, dataset, data_cfg, ckpt_path)
+    if not decode_cfg.bad_endings:  # an --init checkpoint from before the list
+        decode_cfg.bad_endings = train_bad_endings(dataset, vocab)
     data, encoder, transform = prepare_data(
         dataset, vocab, data_cfg.features, data_cfg,
         pca=ckpt.pca if ckpt.pca is not None else False, encoder=ckpt.encoder)
@@ -287,11 +299,11 @@ def run(args, ckpt, ckpt_path, resume):
     objective = ScstObjective(model, vocab, CiderD(train_refs), samples=train_cfg.samples,
                               baseline=train_cfg.baseline, max_length=max_length,
                               rng=np.random.default_rng([train_cfg.seed, 0x5C57]),
-                              dropout=train_cfg.sample_dropout)
+                              dropout=train_cfg.sample_dropout, rules=rules_for(vocab, decode_cfg))
     val = data.get("val")
     val_fn = None if val is None else cider_val_fn(
         vocab, val[0], dataset.splits["val"].references, max_length, beam=train_cfg.select_beam,
-        length_norm=decode_cfg.length_norm)
+        length_norm=decode_cfg.length_norm, decode=decode_cfg)
     # The Trainer validates what it trains (the objective); val_fn scores the captioner.
     trainer_val_fn = None if val_fn is None else (lambda objective: val_fn(objective.model))
     configs = {"model": to_dict(model_cfg), "train": to_dict(train_cfg), "data": to_dict(data_cfg),

@@ -540,6 +540,9 @@ def add_arguments(p):
     g.add_argument("--length-norm", type=nonneg_float,
                    help=f"beam length normalisation recorded likewise (default "
                         f"{DecodeConfig().length_norm:g}; with --scst: the --init checkpoint's)")
+    from ..inference.decoding import add_rule_arguments
+
+    add_rule_arguments(g)  # recorded likewise; the val checks and SCST's sampler follow them
     g = p.add_argument_group("self-critical training (after cross-entropy; see rnncap.training.scst)")
     g.add_argument("--scst", action="store_true",
                    help="fine-tune the --init checkpoint on CIDEr-D with self-critical training")
@@ -569,6 +572,7 @@ def add_arguments(p):
 def run(args):
     from ..checkpoint import load_checkpoint
     from ..data.datasets import load_dataset
+    from ..inference.decoding import with_rule_arguments
     from ..models.registry import build_model
 
     if args.weight_decay < 0 or args.clip < 0:
@@ -636,6 +640,7 @@ def run(args):
                                                                   if k not in model_fields})))
         decode_cfg = from_dict(DecodeConfig, given_or_default(args, ("beam_size", "length_norm"),
                                                               DecodeConfig(), {"beam_size": "beam"}))
+        decode_cfg = with_rule_arguments(decode_cfg, args)
         pca = not args.no_pca
 
     comm = None
@@ -650,6 +655,8 @@ def run(args):
         check_vocab_matches(vocab, dataset, data_cfg, args.resume)
     else:
         vocab = dataset_vocab(dataset, data_cfg)
+    if not decode_cfg.bad_endings:  # new runs, and checkpoints from before the list
+        decode_cfg.bad_endings = train_bad_endings(dataset, vocab)
     data, encoder, pca_params = prepare_data(dataset, vocab, data_cfg.features, data_cfg, pca=pca,
                                              encoder=ckpt.encoder if ckpt is not None else None,
                                              standardize=data_cfg.standardize and ckpt is None)
@@ -692,7 +699,8 @@ def run(args):
     val_fn = None
     if val and train_cfg.select == "cider":
         val_fn = cider_val_fn(vocab, val[0], dataset.splits["val"].references, data_cfg.max_length + 1,
-                              beam=train_cfg.select_beam, length_norm=decode_cfg.length_norm)
+                              beam=train_cfg.select_beam, length_norm=decode_cfg.length_norm,
+                              decode=decode_cfg)
     trained = model
     if comm is not None:
         from .distributed import wrap_for_training
@@ -739,9 +747,20 @@ def given_or_default(args, keys, defaults, flags=None):
     return out
 
 
-def cider_val_fn(vocab, features, references, max_length, beam=1, length_norm=0.0):
+def train_bad_endings(dataset, vocab):
+    """The words of ``vocab`` that (almost) never end one of the dataset's train
+    captions (``rnncap.data.vocab.bad_endings``): what the decoding rules keep
+    ``<END>`` from following; stored in every checkpoint's ``DecodeConfig``."""
+    from ..data.vocab import bad_endings
+
+    train = dataset.splits.get("train")
+    return bad_endings([c for refs in train.references for c in refs], vocab) if train is not None else []
+
+
+def cider_val_fn(vocab, features, references, max_length, beam=1, length_norm=0.0, decode=None):
     """A ``Trainer`` val_fn: {"val_cider": CIDEr-D of the model's captions of the val
-    images (greedy, or beam search of size ``beam``) against all their references,
+    images (greedy, or beam search of size ``beam``, with the rules of ``decode``, a
+    ``DecodeConfig``; None: ``Captioner``'s defaults) against all their references,
     document frequencies from those references}: the COCO toolkit's CIDEr-D
     (``rnncap.evaluation.cider``), with rnncap's tokenizer on both sides. Images without a
     reference are left out."""
@@ -754,7 +773,7 @@ def cider_val_fn(vocab, features, references, max_length, beam=1, length_norm=0.
     refs = [[tokenize(c) for c in references[i]] for i in keep]
 
     def val_fn(model):
-        captions = Captioner(model, vocab, None, max_length=max_length).caption_features(
+        captions = Captioner(model, vocab, None, max_length=max_length, decode=decode).caption_features(
             feats, beam=beam, length_norm=length_norm)
         return {"val_cider": cider_d([tokenize(c) for c in captions], refs)[0]}
 

@@ -18,16 +18,31 @@ function el(tag, cls, text) {
   return e;
 }
 
+function describe(m) {
+  const kind = m.model === "attention" ? "attention" : m.cell ? m.cell.toUpperCase() : "model";
+  const parts = [`${kind} captioner`];
+  if (m.vocab_size) parts.push(`${m.vocab_size} words`);
+  if (m.encoder && m.encoder.name) {
+    const size = m.encoder.image_size ? ` at ${m.encoder.image_size} px` : "";
+    parts.push(`encoder ${m.encoder.name}${size}`);
+  }
+  if (m.training_data) parts.push(`trained on ${m.training_data}`);
+  return parts.join(", ");
+}
+
+// An ensemble: how it averages, then one line per member.
+function describeEnsemble(m) {
+  const how = m.ensemble === "prob" ? "mean of probabilities" : "mean of log-probabilities";
+  const lines = m.members.map((x) => `  ${x.checkpoint}: ${describe(x)}`);
+  return `ensemble of ${m.members.length} captioners (${how}):\n` + lines.join("\n");
+}
+
 async function loadModel() {
   try {
     const r = await fetch("/api/model");
     const m = await r.json();
     defaults = m.decoding_defaults || {};
-    const parts = [`${m.attention ? "attention" : m.cell ? m.cell.toUpperCase() : "model"} captioner`];
-    if (m.vocab_size) parts.push(`${m.vocab_size} words`);
-    if (m.encoder && m.encoder.name) parts.push(`encoder ${m.encoder.name}`);
-    if (m.training_data) parts.push(`trained on ${m.training_data}`);
-    $("model").textContent = `${m.checkpoint}: ` + parts.join(", ");
+    $("model").textContent = m.members ? describeEnsemble(m) : `${m.checkpoint}: ` + describe(m);
     if (defaults.beam) $("beam").placeholder = `default ${defaults.beam}`;
   } catch (e) {
     $("model").textContent = "Could not read the model description from the server.";
