@@ -11,6 +11,7 @@ from rnncap.inference.decoding import (Rules, beam_search, greedy_decode, log_so
                                        sequence_log_prob)
 from rnncap.inference.ensemble import Ensemble, MemberFeatures
 from rnncap.models.attention import AttentionCaptioningModel
+from rnncap.models.transformer import TransformerCaptioningModel
 from rnncap.models.model import CaptioningModel
 
 V, D, L = 11, 6, 4
@@ -25,6 +26,14 @@ def h0_model(seed, dtype=np.float64):
 
 def att_model(seed, dtype=np.float64):
     m = AttentionCaptioningModel(V, D, 5, 8, attention_dim=7, dtype=dtype, seed=seed)
+    m.params["W_vocab"] = m.params["W_vocab"] * 3.0
+    return m
+
+
+def transformer_model(seed, dtype=np.float64):
+    # A Transformer over the same maps (one memory token per location).
+    m = TransformerCaptioningModel(V, D, embed_dim=8, num_heads=2, num_layers=2, ffn_dim=12,
+                                   locations=L, dtype=dtype, seed=seed, dropout=0.0)
     m.params["W_vocab"] = m.params["W_vocab"] * 3.0
     return m
 
@@ -89,10 +98,10 @@ def test_the_average_is_the_members_mean_distribution():
 
 
 def test_members_of_mixed_kinds_decode_through_every_decoder():
-    # An h0 LSTM on pooled features and an attention LSTM on maps; enough images that
-    # the decoders split them into shards run side by side.
-    ens = Ensemble([h0_model(4), att_model(5)], average="logprob")
-    f = MemberFeatures([pooled(40, seed=4), maps(40, seed=4)])
+    # An h0 LSTM on pooled features, an attention LSTM and a Transformer on maps;
+    # enough images that the decoders split them into shards run side by side.
+    ens = Ensemble([h0_model(4), att_model(5), transformer_model(6)], average="logprob")
+    f = MemberFeatures([pooled(40, seed=4), maps(40, seed=4), maps(40, seed=4)])
     g, s, hyps, lp = decode_all(ens, f, Rules((5,), True, False))
     # Each image decodes as it does alone: rows do not interact (and shards add up).
     np.testing.assert_array_equal(g[7:8], greedy_decode(ens, f[7:8], max_length=8, banned=BANNED,
