@@ -7,7 +7,7 @@ Nothing is downloaded. The steps, each reusing the previous one's files in OUT:
 2. features  the pretrained EfficientNet-Lite0 encoder, its last feature map pooled
              over the left and the right of the image (pooling "halves"), PCA
              fitted on train: OUT/features.h5 (the ``rnncap features`` format)
-3. training  an LSTM captioner through ``rnncap.training.train.Trainer``; the epoch with the best
+3. training  an LSTM captioner through ``rnncap.training.trainer.Trainer``; the epoch with the best
              validation semantic accuracy is kept: OUT/model/best.npz
 4. captions  beam search on the held-out test scenes
 5. report    COCO metrics, and the semantic accuracy: the fraction of captions that
@@ -154,7 +154,7 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
     from .checkpoint import load_checkpoint, save_checkpoint
     from .config import DataConfig, ModelConfig, TrainConfig, to_dict
     from .models.model import CaptioningModel
-    from .training.train import Trainer
+    from .training.trainer import Trainer
 
     vocab, tr, va = data["vocab"], data["splits"]["train"], data["splits"].get("val")
     # The configs record what the demo does, not rnncap train's (Flickr8k-tuned) defaults.

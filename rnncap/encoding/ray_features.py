@@ -176,7 +176,7 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
-    from .features import _open_for_writing, _split_group, _store_pca, bad_images_message
+    from .cache import _open_for_writing, _split_group, _store_pca, bad_images_message
 
     encoder = encoder if encoder is not None else make_encoder(device="cpu")
     ident = encoder.identity()
