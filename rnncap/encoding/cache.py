@@ -135,7 +135,7 @@ def _open_for_reading(path):
 
 
 def load_features(path, split, pca=True):
-    """(features (n, D') float32, image_ids list) of one split. With ``pca`` the
+    """(features (N, D') float32 (or (N, L, D') maps), image_ids list) of one split. With ``pca`` the
     stored PCA is applied when the file has one."""
     with _open_for_reading(path) as f:
         splits = [k for k in f if k != "pca"]

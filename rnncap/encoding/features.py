@@ -42,6 +42,8 @@ def extract_features(split_items, encoder, out_path, batch_size=32, progress=Tru
     pca_dim:     when given, fit a K-dim PCA on the train features and store it.
     workers:     threads that decode and resize images while the network runs.
     dataset:     recorded in the file, for people reading it later.
+    Each image becomes one row of its split: (D,) float32 pooled features, or an (L, C)
+    float16 map (``encoder.feature_shape``; layout in ``rnncap.encoding.cache``).
     Returns {split: number of rows encoded by this call}.
     """
     import h5py

@@ -19,6 +19,10 @@ from ..errors import CheckpointError, RnncapError
 class Captioner:
     """Photo in, caption out, with everything taken from one checkpoint.
 
+    ``caption(path)`` -> str; ``caption_many(paths)`` -> N strings; ``features(images)``
+    -> the (N, D) feature rows, or (N, L, D) maps, the model reads;
+    ``caption_features(features)`` -> N strings from such rows.
+
     decode: the decoding defaults (a ``DecodeConfig``: beam size, length normalisation)
     that the methods use when their ``beam``/``length_norm`` are None; from a checkpoint,
     the ones it records (older checkpoints: beam 3, no length normalisation).

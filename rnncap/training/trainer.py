@@ -32,7 +32,8 @@ from ..errors import RnncapError, TrainingDiverged
 class Trainer:
     """Minibatch training with validation, checkpoints and exact resume.
 
-    model: has ``params`` (dict of arrays) and ``loss(X, y, train=True) -> (loss, grads)``.
+    model: has ``params`` (dict of arrays) and ``loss(X, y, train=True) -> (loss, grads)``;
+        for a captioner X is (N, D) features (or (N, L, D) maps) and y (N, T+1) captions.
     train: (inputs, targets, index): the batch for rows ``b`` of targets is
         ``(inputs[index[b]], targets[b])``.
     val: the same form, or None.
