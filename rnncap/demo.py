@@ -168,7 +168,7 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
                             weight_decay=weight_decay, seed=seed, device=device)
     data_cfg = DataConfig(captions=str(Path(out_dir) / "data" / "captions.json"),
                           features=str(Path(out_dir) / "features.h5"), max_length=MAX_LENGTH,
-                          min_count=1, standardize=False)
+                          min_count=1, standardize=False, synthetic=True)
     model = CaptioningModel(len(vocab), model_cfg.input_dim, wordvec, hidden, cell_type="lstm",
                             null_id=vocab.null_id, start_id=vocab.start_id, end_id=vocab.end_id,
                             seed=seed)

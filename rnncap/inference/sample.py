@@ -28,6 +28,8 @@ class Captioner:
     the ones it records (older checkpoints: beam 3, no length normalisation).
     """
 
+    warning = None  # a line people should read before trusting the captions (see from_checkpoint)
+
     def __init__(self, model, vocab, encoder, pca=None, max_length=30, decode=None):
         from ..config import decode_config
 
@@ -70,8 +72,14 @@ class Captioner:
         max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
         from ..config import decode_config
 
-        return cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length,
-                   decode=decode_config(ckpt.configs))
+        from ..data.synth import scenes_warning, trained_on_scenes
+
+        cap = cls(ckpt.model, ckpt.vocab, encoder, ckpt.pca, max_length=max_length,
+                  decode=decode_config(ckpt.configs))
+        # What the model learnt, for whoever shows its captions (rnncap caption, serve).
+        if trained_on_scenes(ckpt.configs, ckpt.vocab):
+            cap.warning = scenes_warning(len(ckpt.vocab))
+        return cap
 
     def features(self, images):
         """Encoder features (after the feature transform, if any) for a list of paths /
@@ -222,6 +230,8 @@ def run(args):
     if args.attention and not cap.attends:
         raise RnncapError(f"--attention: {args.checkpoint} holds an h0 model (the image is only its "
                           f"initial state); attention maps need one trained with --model attention")
+    if cap.warning:
+        print(f"rnncap caption: note: {cap.warning}", file=sys.stderr)
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then

@@ -358,9 +358,12 @@ def describe_checkpoint(path):
     training data and the validation metrics stored with the checkpoint."""
     from ..checkpoint import load_checkpoint
 
+    from ..data.synth import scenes_warning, trained_on_scenes
+
     ckpt = load_checkpoint(path)
     model_cfg = ckpt.configs.get("model") or {}
     m = ckpt.model
+    synthetic = trained_on_scenes(ckpt.configs, ckpt.vocab)
     return {
         "checkpoint": os.path.basename(os.fspath(path)),
         "model": model_cfg.get("model", "h0"),
@@ -372,6 +375,8 @@ def describe_checkpoint(path):
         "encoder": {k: v for k, v in (ckpt.encoder or {}).items() if k in ("name", "pooling", "image_size")},
         "pca_dim": int(ckpt.pca["components"].shape[1]) if ckpt.pca is not None else None,
         "training_data": (ckpt.configs.get("data") or {}).get("captions") or None,
+        "trained_on": "synthetic scenes" if synthetic else "photos",
+        "warning": scenes_warning(len(ckpt.vocab)) if synthetic else None,
         "iteration": ckpt.train_state.get("iteration"),
         "val_metrics": _val_metrics(ckpt),
     }

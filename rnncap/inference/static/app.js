@@ -28,6 +28,10 @@ async function loadModel() {
     if (m.encoder && m.encoder.name) parts.push(`encoder ${m.encoder.name}`);
     if (m.training_data) parts.push(`trained on ${m.training_data}`);
     $("model").textContent = `${m.checkpoint}: ` + parts.join(", ");
+    if (m.warning) {  // e.g. the demo's model, which knows only the synthetic scenes
+      $("warning").textContent = m.warning.charAt(0).toUpperCase() + m.warning.slice(1);
+      $("warning").hidden = false;
+    }
     if (defaults.beam) $("beam").placeholder = `default ${defaults.beam}`;
   } catch (e) {
     $("model").textContent = "Could not read the model description from the server.";
