@@ -307,11 +307,9 @@ def run(args):
 
 
 def _bar(desc, enabled):
-    """A tqdm wrapper for an iterable, or None when progress is off."""
+    """A progress wrapper for an iterable (``rnncap.progress``), or None when progress is off."""
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return lambda it: tqdm(it, desc=desc, unit="scene", file=sys.stderr, leave=False)
+    from .progress import progress_iter
+
+    return lambda it: progress_iter(it, desc=desc, unit="scene", leave=False)

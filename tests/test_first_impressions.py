@@ -104,3 +104,89 @@ def test_rnncap_caption_says_it_once_on_stderr(tiny_checkpoint, photo_checkpoint
     notes = [line for line in err.splitlines() if line.startswith("rnncap caption: note:")]
     assert len(notes) == 1 and "synthetic scenes" in notes[0] and "Train on Flickr8k" in notes[0]
     assert "note:" not in caption_stderr(photo_checkpoint, photos)
+
+
+# ---- warnings and progress, as a log shows them -----------------------------------------
+
+def test_a_warning_the_user_caused_is_one_line_of_rnncap(tmp_path):
+    (tmp_path / "one.json").write_text('{"images": [{"file": "gone.jpg", "split": "train", '
+                                       '"captions": ["a cat on a mat"]}]}')
+    r = subprocess.run([sys.executable, "-m", "rnncap.cli", "features", "--data", "one.json",
+                        "--out", "f.h5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("rnncap features: warning: one.json: skipped 1 of 1 images"), r.stderr
+    assert lines[1].startswith("rnncap features: error: one.json: no usable images")
+    assert len(lines) == 2 and "UserWarning" not in r.stderr and ".py:" not in r.stderr
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_log_progress_writes_every_ten_percent_every_thirty_seconds_and_the_end():
+    import io
+
+    from rnncap.progress import LogProgress
+
+    out, clock = io.StringIO(), Clock()
+    bar = LogProgress(total=200, desc="train features", unit="img", file=out, clock=clock)
+    for _ in range(200):
+        clock.t += 0.01
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("(")[1].split("%")[0] for line in lines] == [str(p) for p in range(10, 101, 10)]
+    assert lines[0].startswith("train features: 20/200 img (10%)") and "\r" not in out.getvalue()
+
+    out, clock = io.StringIO(), Clock()
+    bar = LogProgress(total=None, desc="download", unit="B", file=out, clock=clock)
+    for _ in range(5):
+        clock.t += 20.0
+        bar.update(1000)
+    assert len(out.getvalue().splitlines()) == 2  # at 40 s and 80 s: one line per 30 s at most
+    bar.close()
+    assert out.getvalue().splitlines()[-1].startswith("download: 5000 B")
+
+    out = io.StringIO()
+    LogProgress(total=10, file=out).close()  # nothing done: nothing to say
+    silent = LogProgress(total=10, file=out, enabled=False)
+    silent.update(10)
+    silent.close()
+    assert out.getvalue() == ""
+
+
+def test_progress_bar_is_tqdm_on_a_terminal_only():
+    import io
+
+    from rnncap.progress import LogProgress, progress_bar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert not isinstance(progress_bar(total=3, file=Tty()), LogProgress)
+    assert isinstance(progress_bar(total=3, file=io.StringIO()), LogProgress)
+
+
+def test_training_in_a_log_writes_short_lines_not_a_redrawn_bar(monkeypatch):
+    import io
+
+    from rnncap import CaptioningModel, Trainer
+    from rnncap.config import TrainConfig
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    rng = np.random.default_rng(0)
+    caps = rng.integers(4, 9, size=(40, 6))
+    caps[:, 0] = 1
+    model = CaptioningModel(10, 5, 4, 6, cell_type="lstm", seed=0)
+    Trainer(model, (rng.standard_normal((40, 5)), caps, np.arange(40)), TrainConfig(batch_size=4, epochs=1),
+            progress=True, log=lambda msg: None).fit()
+    text = log.getvalue()
+    assert "\r" not in text and "epoch 1/1: " in text
+    assert 1 <= len(text.splitlines()) <= 11

@@ -263,13 +263,9 @@ def _int_or_none(text):
 
 
 def _progress_bar(name):
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    from ..progress import progress_bar
+
+    return progress_bar(desc=name, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 # ---- safe unpacking -----------------------------------------------------------------

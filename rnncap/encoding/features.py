@@ -70,15 +70,15 @@ def _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed
     rows left not done. Returns the number of rows encoded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     n = len(paths)
     todo = np.flatnonzero(~group["done"][...])
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     if not batches:
         return 0
-    bar = tqdm(total=n, initial=n - len(todo), desc=f"{split} features", unit="img",
-               disable=not progress, smoothing=0.1)
+    bar = progress_bar(total=n, initial=n - len(todo), desc=f"{split} features", unit="img",
+                       enabled=progress, smoothing=0.1)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rnncap-decode")
     try:
         def submit(rows):

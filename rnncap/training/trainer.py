@@ -311,18 +311,16 @@ class Trainer:
 
 
 class _progress:
-    """A tqdm bar when wanted and available, else nothing."""
+    """The epoch's bar (``rnncap.progress``: tqdm on a terminal, short lines in a log)
+    when wanted, else nothing."""
 
     def __init__(self, total, initial, desc, enabled):
         self.bar = None
         if enabled:
-            try:
-                from tqdm import tqdm
+            from ..progress import progress_bar
 
-                self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
-                                dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
+            self.bar = progress_bar(total=total, initial=initial, desc=desc, unit="it", leave=False,
+                                    dynamic_ncols=True)
 
     def update(self, loss, rate, unit, stats=None):
         if self.bar is not None:
