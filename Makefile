@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench notebooks clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test-all: setup
 
 bench: setup
 	$(BIN)/rnncap bench
+
+# JupyterLab on notebooks/ (the `notebooks` extra, part of `dev`)
+notebooks: setup
+	$(BIN)/jupyter lab notebooks/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

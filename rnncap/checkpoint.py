@@ -47,7 +47,9 @@ class Checkpoint:
 
 def save_checkpoint(path, model, vocab, *, encoder=None, pca=None, configs=None,
                     train_state=None, history=None):
-    """Write a checkpoint atomically to ``path`` (a ``.npz`` file).
+    """Write a checkpoint atomically to ``path`` (a ``.npz`` file): ``model.params``
+    (each array as its own entry), the vocabulary, the encoder identity, ``pca`` (the
+    feature transform: "mean" (D,), "components" (D, K), "scale" (K,)) and the configs.
 
     train_state may carry ``"optimizer": {param_name: {key: array or int}}``; arrays are
     stored as npz entries and scalars in the JSON. Its ``"ema": {param_name: array}``
@@ -124,8 +126,12 @@ def _atomic_savez(path, arrays):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by ``save_checkpoint``. Raises CheckpointError with one
-    line naming the file for anything that is not a valid, compatible checkpoint."""
+    """Read a checkpoint written by ``save_checkpoint``: a ``Checkpoint`` with ``model``
+    (its ``params`` arrays on ``device``), ``vocab``, ``encoder`` (the identity to rebuild
+    the image encoder), ``pca`` (the feature transform: "mean" (D,), "components"
+    (D, K)) or None, ``configs``, ``train_state`` and ``history``. Raises CheckpointError
+    with one line naming the file for anything that is not a valid, compatible
+    checkpoint."""
     from .models.registry import model_class
     from .data.vocab import Vocab
 

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from .errors import RnncapError
 
@@ -84,7 +85,9 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(args.command)
+            return int(args._run(args) or 0)
     except RnncapError as e:
         print(f"rnncap {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -101,6 +104,22 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"rnncap {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warnings(command):
+    """A ``warnings.showwarning`` that prints rnncap's own warnings (a UserWarning raised
+    in the package: a skipped image, an ignored line) as one line, like errors, instead
+    of Python's two lines with a source line from inside the package. Warnings from
+    other libraries keep Python's form."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    python_form = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+            print(f"rnncap {command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            python_form(message, category, filename, lineno, file, line)
+    return show
 
 
 if __name__ == "__main__":

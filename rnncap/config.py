@@ -108,6 +108,7 @@ class DataConfig:
     min_count: int = 5
     top_k: int = 0                   # 0 = no cap on the vocabulary size
     standardize: bool = True         # per-channel unit variance, fitted on train
+    synthetic: bool = False          # the captions describe rnncap's synthetic scenes (rnncap demo), not photos
 
 
 def to_dict(cfg) -> dict:

@@ -7,7 +7,7 @@ Nothing is downloaded. The steps, each reusing the previous one's files in OUT:
 2. features  the pretrained EfficientNet-Lite0 encoder, its last feature map pooled
              over the left and the right of the image (pooling "halves"), PCA
              fitted on train: OUT/features.h5 (the ``rnncap features`` format)
-3. training  an LSTM captioner through ``rnncap.training.train.Trainer``; the epoch with the best
+3. training  an LSTM captioner through ``rnncap.training.trainer.Trainer``; the epoch with the best
              validation semantic accuracy is kept: OUT/model/best.npz
 4. captions  beam search on the held-out test scenes
 5. report    COCO metrics, and the semantic accuracy: the fraction of captions that
@@ -154,7 +154,7 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
     from .checkpoint import load_checkpoint, save_checkpoint
     from .config import DataConfig, ModelConfig, TrainConfig, to_dict
     from .models.model import CaptioningModel
-    from .training.train import Trainer
+    from .training.trainer import Trainer
 
     vocab, tr, va = data["vocab"], data["splits"]["train"], data["splits"].get("val")
     # The configs record what the demo does, not rnncap train's (Flickr8k-tuned) defaults.
@@ -168,7 +168,7 @@ def train(data, out_dir, epochs, hidden=128, wordvec=64, lr=5e-3, batch_size=32,
                             weight_decay=weight_decay, seed=seed, device=device)
     data_cfg = DataConfig(captions=str(Path(out_dir) / "data" / "captions.json"),
                           features=str(Path(out_dir) / "features.h5"), max_length=MAX_LENGTH,
-                          min_count=1, standardize=False)
+                          min_count=1, standardize=False, synthetic=True)
     model = CaptioningModel(len(vocab), model_cfg.input_dim, wordvec, hidden, cell_type="lstm",
                             null_id=vocab.null_id, start_id=vocab.start_id, end_id=vocab.end_id,
                             seed=seed)
@@ -307,11 +307,9 @@ def run(args):
 
 
 def _bar(desc, enabled):
-    """A tqdm wrapper for an iterable, or None when progress is off."""
+    """A progress wrapper for an iterable (``rnncap.progress``), or None when progress is off."""
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return lambda it: tqdm(it, desc=desc, unit="scene", file=sys.stderr, leave=False)
+    from .progress import progress_iter
+
+    return lambda it: progress_iter(it, desc=desc, unit="scene", leave=False)

@@ -212,3 +212,85 @@ def test_cli_default_url_is_the_course_archive():
     from rnncap.data.download import DATASETS
     assert args.url is None and args.dest == "data"
     assert DATASETS["coco-cs231n"]["url"] == "http://cs231n.stanford.edu/coco_captioning.zip"
+
+
+# ---- flickr8k: two archives of the published layout, served from 127.0.0.1 ------------
+
+def tiny_jpeg():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def flickr8k_archives():
+    """The two release files' layout: Flickr8k_Dataset.zip holds Flicker8k_Dataset/ with
+    8,091 JPEGs (the same tiny one; the real ones are photos), Flickr8k_text.zip the
+    token file (with the published bogus '.jpg.1' line) and the split lists at its top;
+    both carry __MACOSX/ forks, as the published ones do."""
+    pytest.importorskip("PIL")
+    names = [f"{i:06d}_{i * 7919 % 100000:05x}.jpg" for i in range(8091)]
+    jpeg = tiny_jpeg()
+    photos = {f"Flicker8k_Dataset/{n}": jpeg for n in names}
+    photos["__MACOSX/Flicker8k_Dataset/._" + names[0]] = b"fork"
+    tokens = "".join(f"{n}#{k}\ta photo number {i} , view {k} .\n" for i, n in enumerate(names) for k in range(5))
+    tokens += f"{names[0]}.1#0\ta line that names no image\n"
+    text = {"Flickr8k.token.txt": tokens, "Flickr_8k.trainImages.txt": "\n".join(names[:6000]) + "\n",
+            "Flickr_8k.devImages.txt": "\n".join(names[6000:7000]) + "\n",
+            "Flickr_8k.testImages.txt": "\n".join(names[7000:8000]) + "\n",
+            "readme.txt": "Flickr8k", "__MACOSX/._readme.txt": b"fork"}
+    return {"/Flickr8k_Dataset.zip": make_zip(photos), "/Flickr8k_text.zip": make_zip(text)}
+
+
+def test_cli_download_flickr8k_prints_the_terms_checks_the_layout_and_feeds_data(
+        server, flickr8k_archives, tmp_path, capsys):
+    from rnncap.data.datasets import load_dataset
+
+    server.files.update(flickr8k_archives)
+    dest = tmp_path / "data"
+    assert cli.main(["download", "flickr8k", "--dest", str(dest), "--url", server.url + "/"]) == 0
+    out, err = capsys.readouterr()
+    assert "research use only" in err and "ready in" in out
+    assert server.requests == [None, None]  # each archive fetched once, whole
+    folder = dest / "flickr8k"
+    assert not list(folder.glob("*.zip")) and not (folder / "__MACOSX").exists()
+    with pytest.warns(UserWarning, match="name no image"):
+        ds = load_dataset(folder)  # what --data takes
+    assert {k: len(s) for k, s in ds.splits.items()} == {"train": 6000, "val": 1000, "test": 1000}
+    assert ds["train"].references[0][0] == "a photo number 0 , view 0 ."
+
+    assert cli.main(["download", "flickr8k", "--dest", str(dest), "--url", server.url]) == 0
+    assert "already in" in capsys.readouterr().out and len(server.requests) == 2
+
+
+def test_cli_download_flickr8k_from_a_folder_and_a_wrong_layout(server, flickr8k_archives, tmp_path, capsys):
+    have = tmp_path / "have"
+    have.mkdir()
+    for name, data in flickr8k_archives.items():
+        (have / name.lstrip("/")).write_bytes(data)
+    dest = tmp_path / "data"
+    assert cli.main(["download", "flickr8k", "--dest", str(dest), "--from", str(have)]) == 0
+    assert "ready in" in capsys.readouterr().out and not server.requests
+    assert (have / "Flickr8k_text.zip").exists()  # the user's archives are left alone
+    # an unpacked copy is checked where it is
+    assert cli.main(["download", "flickr8k", "--dest", str(tmp_path / "x"), "--from", str(dest / "flickr8k")]) == 0
+    assert "use it as it is" in capsys.readouterr().out
+
+    # archives that unpack to something else: one line naming what is missing
+    server.files.update({"/Flickr8k_Dataset.zip": make_zip({"Flicker8k_Dataset/a.jpg": b"x"}),
+                         "/Flickr8k_text.zip": flickr8k_archives["/Flickr8k_text.zip"]})
+    assert cli.main(["download", "flickr8k", "--dest", str(tmp_path / "bad"), "--url", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 photos, not 8091" in err and err.strip().splitlines()[-1].startswith("rnncap download: error:")
+    assert cli.main(["download", "flickr8k", "--dest", str(dest), "--from", str(tmp_path / "nowhere")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_cli_default_flickr8k_mirror():
+    from rnncap.data.download import DATASETS
+
+    spec = DATASETS["flickr8k"]
+    assert spec["base"] == "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
+    assert spec["archives"] == ("Flickr8k_Dataset.zip", "Flickr8k_text.zip") and spec["images"] == 8091

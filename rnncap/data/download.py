@@ -1,8 +1,15 @@
-"""Download a dataset archive, resumably, and unpack it.
+"""Download a dataset's archives, resumably, and unpack them.
 
 ``rnncap download coco-cs231n`` fetches the CS231n ``coco_captioning.zip`` (COCO 2014
 captions pre-encoded with a 1,004-word vocabulary, plus VGG-16 fc7 features) and
 unpacks it into ``DEST/coco_captioning``, the folder ``load_dataset`` reads as it is.
+
+``rnncap download flickr8k`` fetches Flickr8k's two archives (the photos and the text
+files) from the mirror most tutorials use, prints the dataset's terms first, unpacks
+both into ``DEST/flickr8k`` and checks the layout: 8,091 photos, the token file and
+the split lists. That folder is what ``--data`` takes. ``--from DIR`` uses archives
+(or an unpacked copy) the user already has.
+
 An interrupted download continues where it stopped when run again.
 """
 from __future__ import annotations
@@ -26,6 +33,17 @@ DATASETS = {
         "sha256": None,    # not published by the course; pass --sha256 to check one
         "check": "coco_captioning/coco2014_captions.h5",  # present once unpacked
     },
+    "flickr8k": {
+        # The release files of jbrownlee/Datasets on GitHub; --url BASE takes them from BASE/.
+        "base": "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k",
+        "archives": ("Flickr8k_Dataset.zip", "Flickr8k_text.zip"),
+        "folder": "flickr8k",
+        "images": 8091,
+        "terms": ("Flickr8k (M. Hodosh, P. Young and J. Hockenmaier, \"Framing Image Description as a "
+                  "Ranking Task\", JAIR 47, 2013) is for research use only: the photos come from "
+                  "Flickr and belong to their owners; do not redistribute them, or anything made "
+                  "from them, and cite the paper in work that uses it."),
+    },
 }
 
 
@@ -34,13 +52,22 @@ def add_arguments(parser):
     parser.add_argument("--dest", default="data", metavar="DIR",
                         help="folder to download and unpack into (default: %(default)s)")
     parser.add_argument("--url", help="download from this URL instead of the dataset's own "
-                                      f"(coco-cs231n: {DATASETS['coco-cs231n']['url']})")
+                                      f"(coco-cs231n: {DATASETS['coco-cs231n']['url']}); for "
+                                      f"flickr8k the folder URL its two archives sit in (default "
+                                      f"{DATASETS['flickr8k']['base']})")
+    parser.add_argument("--from", dest="source", metavar="DIR",
+                        help="flickr8k: a folder you already have, holding its two archives "
+                             "(unpacked into --dest) or the dataset unpacked (checked in place)")
     parser.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the archive")
     parser.add_argument("--keep-archive", action="store_true", help="keep the .zip after unpacking")
 
 
 def run(args) -> int:
     spec = DATASETS[args.dataset]
+    if "archives" in spec:
+        return fetch_folder(args, spec)
+    if args.source:
+        raise RnncapError(f"--from: only for flickr8k; for {args.dataset} give --url")
     dest = Path(args.dest)
     done = dest / spec["check"]
     if done.exists():
@@ -56,6 +83,61 @@ def run(args) -> int:
         archive.unlink()
     print(f"{args.dataset} is ready in {done.parent}")
     return 0
+
+
+def fetch_folder(args, spec):
+    """A dataset of several archives unpacked into one folder, DEST/<folder>: print its
+    terms, fetch what is missing (or take it from ``--from``), unpack, check the layout."""
+    folder = Path(args.dest) / spec["folder"]
+    if args.source:
+        source = Path(args.source)
+        if not source.is_dir():
+            raise RnncapError(f"--from {source}: no such folder")
+        if not flickr8k_problems(source, spec["images"]):
+            print(f"{args.dataset} is complete in {source}; use it as it is: --data {source}")
+            return 0
+    if not flickr8k_problems(folder, spec["images"]):
+        print(f"{args.dataset} is already in {folder}")
+        return 0
+    print(f"{args.dataset}: {spec['terms']}", file=sys.stderr)
+    if args.sha256:
+        raise RnncapError(f"--sha256: {args.dataset} has {len(spec['archives'])} archives; it checks one")
+    folder.mkdir(parents=True, exist_ok=True)
+    base = (args.url or spec["base"]).rstrip("/")
+    for name in spec["archives"]:
+        given = Path(args.source) / name if args.source else None
+        if given is not None and not given.is_file():
+            raise RnncapError(f"--from {args.source}: holds neither the unpacked dataset nor {name}")
+        archive = given if given is not None else download(f"{base}/{name}", folder / name)
+        extract_zip(archive, folder, replace=True)
+        if given is None and not args.keep_archive:
+            archive.unlink()
+    problems = flickr8k_problems(folder, spec["images"])
+    if problems:
+        raise RnncapError(f"{folder}: unpacked, but {problems}; are these the Flickr8k archives?")
+    print(f"{args.dataset} is ready in {folder}: rnncap features --data {folder} --out ...")
+    return 0
+
+
+def flickr8k_problems(folder, n_images):
+    """What is missing from an unpacked Flickr8k folder (one line), or "" when nothing is:
+    the token file, the three split lists and ``n_images`` photos in the photo folder."""
+    from .datasets import FLICKR8K_SPLIT_FILES
+
+    folder = Path(folder)
+    text = next((d for d in (folder, folder / "Flickr8k_text") if (d / "Flickr8k.token.txt").is_file()), None)
+    if text is None:
+        return "it has no Flickr8k.token.txt"
+    lists = [f for f in FLICKR8K_SPLIT_FILES.values() if not (text / f).is_file()]
+    if lists:
+        return f"it has no {', '.join(lists)}"
+    photos = next((d for d in (folder / "Flicker8k_Dataset", folder / "Flickr8k_Dataset") if d.is_dir()), None)
+    if photos is None:
+        return "it has no photo folder (Flicker8k_Dataset)"
+    n = sum(1 for p in photos.iterdir() if p.suffix.lower() == ".jpg")
+    if n != n_images:
+        return f"{photos} holds {n} photos, not {n_images}"
+    return ""
 
 
 # ---- resumable HTTP download --------------------------------------------------------
@@ -181,23 +263,21 @@ def _int_or_none(text):
 
 
 def _progress_bar(name):
-    if not sys.stderr.isatty():
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    from ..progress import progress_bar
+
+    return progress_bar(desc=name, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 # ---- safe unpacking -----------------------------------------------------------------
 
-def extract_zip(archive, dest) -> list[Path]:
+def extract_zip(archive, dest, replace=False) -> list[Path]:
     """Unpack ``archive`` into ``dest`` and return the top-level paths made.
 
     Refuses members that would land outside ``dest`` (absolute paths, ``..``), and
     unpacks into a temporary folder first, so an interrupted run leaves no
-    half-unpacked dataset behind."""
+    half-unpacked dataset behind. macOS's ``__MACOSX/`` resource forks are left out.
+    A top-level path that exists already is an error, or with ``replace`` (a run
+    unpacking again after an interrupted one) is replaced."""
     import zipfile
 
     archive, dest = Path(archive), Path(dest).resolve()
@@ -211,14 +291,17 @@ def extract_zip(archive, dest) -> list[Path]:
             if p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", name) \
                     or not (dest / p).resolve().is_relative_to(dest):
                 raise RnncapError(f"{archive}: refusing to unpack {name!r}, which points outside {dest}")
-        tops = sorted({PurePosixPath(n.replace("\\", "/")).parts[0] for n in zf.namelist()})
+        members = [n for n in zf.namelist() if PurePosixPath(n.replace("\\", "/")).parts[0] != "__MACOSX"]
+        tops = sorted({PurePosixPath(n.replace("\\", "/")).parts[0] for n in members})
         clash = [t for t in tops if (dest / t).exists()]
-        if clash:
+        if clash and not replace:
             raise RnncapError(f"{dest / clash[0]} already exists; move it away to unpack {archive.name} again")
         tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=dest))
         try:
-            zf.extractall(tmp)
+            zf.extractall(tmp, members=members)
             for t in tops:
+                if (dest / t).is_dir() and not (dest / t).is_symlink():
+                    shutil.rmtree(dest / t)
                 os.replace(tmp / t, dest / t)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -293,6 +293,36 @@ def describe(scene, rng, k=5):
     return captions
 
 
+# ---- what a model trained on these scenes knows -------------------------------------
+
+def grammar_words():
+    """Every word a caption of these scenes can use (the grammar's whole vocabulary)."""
+    words = {w for ws in (*_COUNT_WORDS.values(), *_SIZE_WORDS.values()) for w in ws}
+    words |= set(COLOURS) | set(SHAPES) | {s + "s" for s in SHAPES} | {"is", "are"}
+    for template in _ONE_GROUP + _TWO_GROUPS:
+        words |= {w for w in template.split() if not w.startswith("{")}
+    return words
+
+
+def trained_on_scenes(configs, vocab):
+    """Whether a checkpoint's captioner learnt these scenes rather than photos: its data
+    config says so (``synthetic``), or, for checkpoints written before it did, every
+    word it knows is one of the grammar's."""
+    data = (configs or {}).get("data") or {}
+    if "synthetic" in data:
+        return bool(data["synthetic"])
+    words = {w for w in vocab.idx_to_word if not (w.startswith("<") and w.endswith(">"))}
+    return bool(words) and words <= grammar_words()
+
+
+def scenes_warning(vocab_size):
+    """What ``rnncap caption``, the web page and ``/api/model`` say about such a model."""
+    return (f"this model was trained on rnncap's synthetic scenes, not on photos: it knows "
+            f"{vocab_size} words about coloured circles, squares and triangles, and describes any "
+            f"photo in them. For a model of real photos, see the README's 'Train on Flickr8k' "
+            f"(rnncap download flickr8k --dest data, then rnncap features and rnncap train).")
+
+
 # ---- the parser: caption -> facts ---------------------------------------------------
 
 _WORD_COUNT = {w: n for n, ws in _COUNT_WORDS.items() for w in ws}

@@ -53,8 +53,12 @@ def tokenize(text: str) -> list[str]:
 
 
 class Vocab:
-    """A fixed word list. ``idx_to_word[i]`` is the word with id ``i``; ids 0..3 are
-    the specials ``<NULL> <START> <END> <UNK>``."""
+    """A fixed word list of V words. ``idx_to_word[i]`` is the word with id ``i``; ids
+    0..3 are the specials ``<NULL> <START> <END> <UNK>``.
+
+    ``encode`` gives one caption as a (T + 2,) int32 row (``<START>``, T words padded
+    with ``<NULL>``, ``<END>``), ``encode_batch`` an (M, T + 2) array; ``decode`` takes
+    one row of ids back to words."""
 
     def __init__(self, idx_to_word):
         self.idx_to_word = list(idx_to_word)

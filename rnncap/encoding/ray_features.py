@@ -174,9 +174,9 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
     import pyarrow as pa
     import ray
     from ray.data import ActorPoolStrategy, DataContext
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    from .features import _open_for_writing, _split_group, _store_pca, bad_images_message
+    from .cache import _open_for_writing, _split_group, _store_pca, bad_images_message
 
     encoder = encoder if encoder is not None else make_encoder(device="cpu")
     ident = encoder.identity()
@@ -208,8 +208,8 @@ def extract_features_ray(split_items, make_encoder, out_path, batch_size=32, pro
                                fn_constructor_kwargs={"make_encoder": make_encoder, "token": token},
                                num_cpus=0 if gpus_per_actor else 1, num_gpus=gpus_per_actor))
             total = sum(len(w) for w in written.values())
-            bar = tqdm(total=total, initial=total - len(todo), desc="features (ray)", unit="img",
-                       disable=not progress, smoothing=0.1)
+            bar = progress_bar(total=total, initial=total - len(todo), desc="features (ray)", unit="img",
+                               enabled=progress, smoothing=0.1)
             t0 = time.perf_counter()
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -189,7 +189,7 @@ def run(args):
     if n == 0:
         raise DataError(f"{args.data}: split '{args.split}' has no images")
     if not decode.bad_endings:  # a checkpoint from before the list: the dataset's train captions
-        from ..training.train import train_bad_endings
+        from ..training.trainer import train_bad_endings
 
         decode = dataclasses.replace(decode, bad_endings=train_bad_endings(dataset, vocab))
     features = _member_features(args, paths, ckpts, dataset, split, n)

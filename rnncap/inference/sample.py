@@ -20,6 +20,10 @@ class Captioner:
     """Photo in, caption out, with everything taken from one checkpoint (or several:
     an ensemble).
 
+    ``caption(path)`` -> str; ``caption_many(paths)`` -> N strings; ``features(images)``
+    -> the (N, D) feature rows, or (N, L, D) maps, the model reads;
+    ``caption_features(features)`` -> N strings from such rows.
+
     decode: the decoding defaults (a ``DecodeConfig``: beam size, length normalisation,
     the decoding rules) that the methods use when their ``beam``/``length_norm`` are
     None; from a checkpoint, the ones it records (older checkpoints: beam 3, no length
@@ -27,6 +31,8 @@ class Captioner:
     ``pca`` are lists, one per member; members with the same encoder identity share one
     ``Encoder`` object, and each photo is encoded once per distinct encoder.
     """
+
+    warning = None  # a line people should read before trusting the captions (see from_checkpoint)
 
     def __init__(self, model, vocab, encoder, pca=None, max_length=30, decode=None):
         from ..config import decode_config
@@ -67,14 +73,21 @@ class Captioner:
         max_length = int(data_cfg.get("max_length", 29)) + 1  # room for <END>
         decode = decode_config(ckpts[0].configs)
         if len(ckpts) == 1:
-            return cls(ckpts[0].model, ckpts[0].vocab, encoders[0], ckpts[0].pca, max_length=max_length,
-                       decode=decode)
-        from .ensemble import ensemble_decode, ensemble_of
+            cap = cls(ckpts[0].model, ckpts[0].vocab, encoders[0], ckpts[0].pca, max_length=max_length,
+                      decode=decode)
+        else:
+            from .ensemble import ensemble_decode, ensemble_of
 
-        decode = ensemble_decode(ckpts, average)
-        model = ensemble_of(ckpts, paths, average=decode.ensemble)
-        return cls(model, ckpts[0].vocab, encoders, [c.pca for c in ckpts], max_length=max_length,
-                   decode=decode)
+            decode = ensemble_decode(ckpts, average)
+            model = ensemble_of(ckpts, paths, average=decode.ensemble)
+            cap = cls(model, ckpts[0].vocab, encoders, [c.pca for c in ckpts], max_length=max_length,
+                      decode=decode)
+        # What the model learnt, for whoever shows its captions (rnncap caption, serve).
+        from ..data.synth import scenes_warning, trained_on_scenes
+
+        if any(trained_on_scenes(c.configs, c.vocab) for c in ckpts):
+            cap.warning = scenes_warning(len(ckpts[0].vocab))
+        return cap
 
     @property
     def members(self):
@@ -305,6 +318,8 @@ def run(args):
                           f"whose model attends over a spatial map (--model attention, or --model "
                           f"transformer on `rnncap features --maps`); an h0 model only starts from "
                           f"the image, and an ensemble has no one map")
+    if cap.warning:
+        print(f"rnncap caption: note: {cap.warning}", file=sys.stderr)
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then

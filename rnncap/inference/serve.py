@@ -365,11 +365,15 @@ def describe_checkpoint(path, average=None):
             members = [describe_checkpoint(p) for p in path]
             return {"checkpoint": " + ".join(m["checkpoint"] for m in members), "model": "ensemble",
                     "model_class": "Ensemble", "ensemble": average, "vocab_size": members[0]["vocab_size"],
+                    "warning": next((m["warning"] for m in members if m["warning"]), None),
                     "members": members}
         path = path[0]
+    from ..data.synth import scenes_warning, trained_on_scenes
+
     ckpt = load_checkpoint(path)
     model_cfg = ckpt.configs.get("model") or {}
     m = ckpt.model
+    synthetic = trained_on_scenes(ckpt.configs, ckpt.vocab)
     return {
         "checkpoint": os.path.basename(os.fspath(path)),
         "model": model_cfg.get("model") or ("attention" if hasattr(m, "attention_dim") else "h0"),
@@ -381,6 +385,8 @@ def describe_checkpoint(path, average=None):
         "encoder": {k: v for k, v in (ckpt.encoder or {}).items() if k in ("name", "pooling", "image_size")},
         "pca_dim": int(ckpt.pca["components"].shape[1]) if ckpt.pca is not None else None,
         "training_data": (ckpt.configs.get("data") or {}).get("captions") or None,
+        "trained_on": "synthetic scenes" if synthetic else "photos",
+        "warning": scenes_warning(len(ckpt.vocab)) if synthetic else None,
         "iteration": ckpt.train_state.get("iteration"),
         "val_metrics": _val_metrics(ckpt),
     }

@@ -21,7 +21,7 @@ from the model's own softmax.
 
 Read top to bottom: the rewards' references; ``ScstObjective``, which wraps a captioner
 in the model contract (``params``, ``loss(X, y)``; y are image rows, not captions) so
-that the generic ``rnncap.training.train.Trainer`` runs the stage unchanged; then the stage
+that the generic ``rnncap.training.trainer.Trainer`` runs the stage unchanged; then the stage
 behind ``rnncap train --scst --init CKPT``.
 
 The objective touches the model only through ``init_state``/``step`` (by way of
@@ -235,8 +235,8 @@ def run(args, ckpt, ckpt_path, resume):
     import dataclasses
 
     from ..inference.decoding import rules_for, with_rule_arguments
-    from .train import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
-                        cider_val_fn, given_or_default, prepare_data, train_bad_endings, with_params)
+    from .trainer import (Trainer, _print_data_summary, average_top_epochs, check_vocab_matches,
+                          cider_val_fn, given_or_default, prepare_data, train_bad_endings, with_params)
 
     data_cfg = from_dict(DataConfig, ckpt.configs.get("data"))
     model_cfg = from_dict(ModelConfig, ckpt.configs.get("model"))

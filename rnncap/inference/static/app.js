@@ -19,7 +19,8 @@ function el(tag, cls, text) {
 }
 
 function describe(m) {
-  const kind = m.model === "attention" ? "attention" : m.cell ? m.cell.toUpperCase() : "model";
+  const kind = m.model === "attention" ? "attention" : m.model === "transformer" ? "Transformer"
+    : m.cell ? m.cell.toUpperCase() : "model";
   const parts = [`${kind} captioner`];
   if (m.vocab_size) parts.push(`${m.vocab_size} words`);
   if (m.encoder && m.encoder.name) {
@@ -43,6 +44,10 @@ async function loadModel() {
     const m = await r.json();
     defaults = m.decoding_defaults || {};
     $("model").textContent = m.members ? describeEnsemble(m) : `${m.checkpoint}: ` + describe(m);
+    if (m.warning) {  // e.g. the demo's model, which knows only the synthetic scenes
+      $("warning").textContent = m.warning.charAt(0).toUpperCase() + m.warning.slice(1);
+      $("warning").hidden = false;
+    }
     if (defaults.beam) $("beam").placeholder = `default ${defaults.beam}`;
   } catch (e) {
     $("model").textContent = "Could not read the model description from the server.";
