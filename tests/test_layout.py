@@ -7,15 +7,8 @@ The graph comes from the source (an AST walk), so this test imports nothing it c
 import ast
 import pathlib
 
-import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "rnncap"
-
-# The one cycle known on this branch: models/model.py <-> models/attention.py, through
-# build_model. The Transformer helper (issue #22, branch `transformer`) replaces
-# build_model with a registry of model classes; the lead removes this entry on merge.
-KNOWN = {frozenset({"rnncap.models.model", "rnncap.models.attention"})}
-
 
 def module_name(path):
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -107,12 +100,5 @@ def test_the_walk_sees_imports_inside_functions_and_every_form():
 
 
 def test_no_import_cycles_in_the_package():
-    found = cycles(import_graph())
-    unexpected = [sorted(c) for c in found if c not in KNOWN]
-    assert not unexpected, f"modules that import each other: {unexpected}"
-
-
-@pytest.mark.xfail(strict=True, reason="models/model.py <-> models/attention.py (build_model): the "
-                   "Transformer helper's model registry removes it; the lead drops this mark on merge")
-def test_the_known_models_cycle_is_gone():
-    assert not [sorted(c) for c in cycles(import_graph())]
+    found = [sorted(c) for c in cycles(import_graph())]
+    assert not found, f"modules that import each other: {found}"
