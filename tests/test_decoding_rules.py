@@ -114,12 +114,12 @@ def test_rules_for_a_decode_config():
     vocab = Vocab.build(["a dog on grass"])
     cfg = DecodeConfig(bad_endings=["a", "on", "unknown"])
     r = rules_for(vocab, cfg)
-    assert r == Rules(tuple(sorted(vocab.word_to_idx[w] for w in ("a", "on"))), True, False)
+    assert r == Rules(tuple(sorted(vocab.word_to_idx[w] for w in ("a", "on"))), True, True)
     assert rules_for(vocab, DecodeConfig(rules=False, block_trigrams=True, bad_endings=["a"])) == \
         Rules((), False, True)
-    # A checkpoint from before the rules: the no-repeat rule, no list.
+    # A checkpoint from before the rules: the no-repeat rule and trigram blocking, no list.
     assert rules_for(vocab, decode_config({"decode": {"beam_size": 3, "length_norm": 0.5}})) == \
-        Rules((), True, False)
+        Rules((), True, True)
 
 
 def test_defect_counts():

@@ -483,17 +483,17 @@ def test_rnncap_train_keeps_the_best_val_cider_and_records_decoding_defaults(tra
         assert kept["val_cider"] == max(cider) and kept["epoch"] == 1 + int(np.argmax(cider))
     assert {k: best.configs["decode"][k] for k in ("beam_size", "length_norm", "rules", "block_trigrams")} \
         == {"beam_size": DecodeConfig().beam_size, "length_norm": DecodeConfig().length_norm,
-            "rules": True, "block_trigrams": False}
+            "rules": True, "block_trigrams": DecodeConfig().block_trigrams}
     assert best.configs["decode"]["bad_endings"]  # derived from the train captions
     assert best.configs["train"]["select"] == "cider" and best.configs["data"]["standardize"] is True
 
     out2 = tmp_path / "run2"
     assert main(["train", "--data", str(data), "--features", str(feats), "--out", str(out2), "--hidden", "8",
                  "--wordvec", "4", "--epochs", "1", "--batch-size", "8", "--beam", "5", "--length-norm", "0",
-                 "--select", "loss", "--no-rules", "--block-trigrams", "--quiet"]) == 0
+                 "--select", "loss", "--no-rules", "--no-block-trigrams", "--quiet"]) == 0
     ck = load_checkpoint(out2 / "best.npz")
     assert {k: ck.configs["decode"][k] for k in ("beam_size", "length_norm", "rules", "block_trigrams")} == \
-        {"beam_size": 5, "length_norm": 0.0, "rules": False, "block_trigrams": True}
+        {"beam_size": 5, "length_norm": 0.0, "rules": False, "block_trigrams": False}
     assert "val_cider" not in ck.history and "val_loss" in ck.train_state["best"]
 
     # rnncap evaluate decodes with them unless told otherwise

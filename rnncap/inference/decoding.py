@@ -425,7 +425,7 @@ def add_rule_arguments(p):
                    help="no <END> after a word that (almost) never ends a training caption, no word "
                         "right after itself (default: the checkpoint's; on)")
     p.add_argument("--block-trigrams", action=BooleanOptionalAction, default=None,
-                   help="no trigram twice in a caption (default: the checkpoint's; off)")
+                   help="no trigram twice in a caption (default: the checkpoint's; on)")
 
 
 def with_rule_arguments(decode, args):
