@@ -22,6 +22,9 @@ Choices worth knowing:
   (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies on top of it.
 - A broken EXIF block does not make a readable photo unusable: it is then shown
   unrotated.
+
+``read_ahead`` reads the next batch of photos in threads while the caller works on
+this one (``rnncap features``, ``Encoder.encode``, ``rnncap caption``).
 """
 from __future__ import annotations
 
@@ -186,3 +189,37 @@ def _from_array(a, limit, label):
         raise DataError(f"image {label} is empty (shape {a.shape})")
     _check_pixels((a.shape[1], a.shape[0]), limit, label)
     return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")
+
+
+def read_ahead(read, items, batch_size, workers=2):
+    """Yield ``[read(item), ...]`` batch by batch, in order, while threads read the next
+    batch: decoding overlaps whatever the caller does with this one (Pillow and NumPy
+    let go of the GIL while they decode and resize).
+
+    An item whose ``read`` raises ``DataError`` gets that error in its place, so the
+    caller decides: skip it, count it or raise it. Other exceptions propagate. Closing
+    the generator early cancels what is still queued.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rnncap-decode")
+    try:
+        def submit(start):
+            return [pool.submit(read, item) for item in items[start:start + batch_size]]
+
+        pending = submit(0)
+        for start in range(0, len(items), batch_size):
+            current, pending = pending, submit(start + batch_size)
+            yield [_result(fut) for fut in current]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(fut):
+    try:
+        return fut.result()
+    except DataError as e:
+        return e

