@@ -68,38 +68,33 @@ def _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed
     """Encode the rows not yet done, in batches, decoding the next batch meanwhile.
     Images that cannot be read are appended to ``failed`` as (path, error) and their
     rows left not done. Returns the number of rows encoded."""
-    from concurrent.futures import ThreadPoolExecutor
+    import contextlib
 
+    from ..data.images import read_ahead
     from ..progress import progress_bar
 
     n = len(paths)
     todo = np.flatnonzero(~group["done"][...])
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    if not batches:
+    if not len(todo):
         return 0
+    # The encoder's own batch input when it has one (uint8 pixels, normalised by the
+    # network batch-wise), else the normalised arrays of ``preprocess``.
+    read = getattr(encoder, "load", encoder.preprocess)
     bar = progress_bar(total=n, initial=n - len(todo), desc=f"{split} features", unit="img",
                        enabled=progress, smoothing=0.1)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rnncap-decode")
-    try:
-        def submit(rows):
-            return [pool.submit(encoder.preprocess, paths[r]) for r in rows]
-
-        pending = submit(batches[0])
-        encoded = 0
-        for k, rows in enumerate(batches):
-            good, x = [], []
-            for r, fut in zip(rows, pending):
-                try:
-                    x.append(fut.result())
-                    good.append(r)
-                except DataError as e:
-                    failed.append((paths[r], e))
-            pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
+    encoded, start = 0, 0
+    with contextlib.closing(bar), contextlib.closing(read_ahead(read, [paths[r] for r in todo], batch_size,
+                                                                workers)) as batches:
+        for results in batches:
+            rows, start = todo[start:start + len(results)], start + len(results)
+            good = [k for k, r in enumerate(results) if not isinstance(r, DataError)]
+            failed.extend((paths[rows[k]], r) for k, r in enumerate(results) if isinstance(r, DataError))
             bar.update(len(rows) - len(good))
             if not good:
                 continue
-            rows = np.asarray(good)
-            feats = np.asarray(encoder.encode(np.stack(x), batch_size=len(rows)), dtype=np.float32)
+            rows = rows[good]
+            feats = np.asarray(encoder.encode(np.stack([results[k] for k in good]), batch_size=len(rows)),
+                               dtype=np.float32)
             lo, hi = rows[0], rows[-1] + 1
             if hi - lo == len(rows):  # the usual case: a contiguous run of rows
                 group["features"][lo:hi] = feats
@@ -112,9 +107,6 @@ def _fill(f, group, split, paths, encoder, batch_size, progress, workers, failed
             f.flush()
             bar.update(len(rows))
             encoded += len(rows)
-    finally:
-        bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
     return encoded
 
 

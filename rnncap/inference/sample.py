@@ -105,11 +105,12 @@ class Captioner:
         from ..encoding.features import apply_pca
         from ..data.images import load_image
 
-        loaded = [load_image(im) for im in images]
+        if len({id(encoder) for _, encoder, _ in self.members}) > 1:
+            images = [load_image(im) for im in images]  # once, for every encoder
         encoded, arrays = {}, []
         for _, encoder, pca in self.members:
             if id(encoder) not in encoded:
-                encoded[id(encoder)] = encoder.encode(loaded)
+                encoded[id(encoder)] = encoder.encode(images)
             feats = encoded[id(encoder)]
             arrays.append(apply_pca(feats, pca) if pca is not None else feats)
         if not isinstance(self.encoder, list):
@@ -306,8 +307,10 @@ def _write_attention_figure(cap, image, path, args):
 
 
 def run(args):
+    import contextlib
+
     from ..errors import DataError
-    from ..data.images import load_image
+    from ..data.images import load_image, read_ahead
 
     if not args.photos:  # --checkpoint takes every name after it
         raise RnncapError("no photo given: name the photos before --checkpoint "
@@ -324,29 +327,25 @@ def run(args):
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then
     # encoded and decoded --batch-size at a time; the output keeps the arguments' order.
-    for start in range(0, len(args.photos), args.batch_size):
-        batch = args.photos[start:start + args.batch_size]
-        images = []
-        for path in batch:
-            try:
-                images.append(load_image(path))
-            except DataError as e:
-                images.append(e)
-        plain = [i for i, (path, im) in enumerate(zip(batch, images))
-                 if not isinstance(im, DataError) and path not in figures]
-        captions = dict(zip(plain, cap.caption_many(
-            [images[i] for i in plain], beam=args.beam, max_length=args.max_length,
-            batch_size=args.batch_size, length_norm=args.length_norm)))
-        for i, (path, image) in enumerate(zip(batch, images)):
-            if isinstance(image, DataError):
-                print(f"rnncap caption: error: {image}", file=sys.stderr)
-                failed += 1
-                continue
-            caption = captions[i] if i in captions else _write_attention_figure(cap, image, figures[path], args)
-            if args.json:
-                results.append({"photo": path, "caption": caption})
-            else:
-                print(f"{path}\t{caption}", flush=True)
+    # The next batch is read while this one is captioned.
+    with contextlib.closing(read_ahead(load_image, args.photos, args.batch_size)) as batches:
+        for start, images in zip(range(0, len(args.photos), args.batch_size), batches):
+            batch = args.photos[start:start + args.batch_size]
+            plain = [i for i, (path, im) in enumerate(zip(batch, images))
+                     if not isinstance(im, DataError) and path not in figures]
+            captions = dict(zip(plain, cap.caption_many(
+                [images[i] for i in plain], beam=args.beam, max_length=args.max_length,
+                batch_size=args.batch_size, length_norm=args.length_norm)))
+            for i, (path, image) in enumerate(zip(batch, images)):
+                if isinstance(image, DataError):
+                    print(f"rnncap caption: error: {image}", file=sys.stderr)
+                    failed += 1
+                    continue
+                caption = captions[i] if i in captions else _write_attention_figure(cap, image, figures[path], args)
+                if args.json:
+                    results.append({"photo": path, "caption": caption})
+                else:
+                    print(f"{path}\t{caption}", flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
     return 1 if failed else 0
