@@ -655,9 +655,15 @@ def _build_vgg16():
             return self.features(x)
 
         def largest_map(self, size):
-            """Floats in the largest activation for one size x size image: the first
-            convolutions' 64 full-size maps."""
-            return 64 * size * size
+            """Floats in the largest activation for one size x size image (the first
+            convolutions' 64 full-size maps)."""
+            largest = 0
+            for layer in self.features:
+                if isinstance(layer, nn.MaxPool2d):
+                    size //= 2
+                elif isinstance(layer, nn.Conv2d):
+                    largest = max(largest, layer.out_channels * size * size)
+            return largest
 
         def embed(self, maps):
             # fc7 after its ReLU, as in the CS231n features.
