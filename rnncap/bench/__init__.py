@@ -1,1 +1,1 @@
-"""The benchmark, `rnncap bench`: rnncap's training step and decoders timed against PyTorch peers of the same models (workloads, peers, transformer, measure, command)."""
+"""The benchmark, `rnncap bench`: rnncap's training step and decoders timed against PyTorch peers of the same models."""
