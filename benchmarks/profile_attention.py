@@ -1,6 +1,6 @@
 """Where the attention model's training step spends its time: cProfile of
 ``AttentionCaptioningModel._loss_rows`` on one BLAS thread (one shard's work), at the
-bench's "attention" size. Thin: the batch and the model come from rnncap.bench.
+bench's "attention" size. Thin: the batch and the model come from rnncap.bench.workloads.
 
     .venv/bin/python benchmarks/profile_attention.py [N]
 """
@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from rnncap.bench import SIZES, build_rnncap, make_batch
+from rnncap.bench.workloads import SIZES, build_rnncap, make_batch
 from rnncap.models.model import _one_blas_thread
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 64

@@ -1,7 +1,8 @@
 """rnncap: image captioning from scratch in NumPy, with hand-written backward passes.
 
-The captioners: a vanilla RNN, an LSTM, and an LSTM with soft attention over the CNN's
-spatial map (Show, Attend and Tell); a Transformer decoder is under way. Around them:
+The captioners: a vanilla RNN, an LSTM, an LSTM with soft attention over the CNN's
+spatial map (Show, Attend and Tell), and a Transformer decoder, each with its backward
+pass written by hand; several checkpoints of any kinds decode as one ensemble. Around them:
 dataset loaders, a pretrained CNN encoder with a resumable feature cache, training with
 exact resume and self-critical fine-tuning on CIDEr-D, greedy/sampled/beam-search
 decoding, the COCO caption metrics, HTML reports with attention maps, the ``rnncap``
@@ -24,6 +25,7 @@ _WHERE = {
     # models
     "CaptioningModel": "rnncap.models.model",
     "AttentionCaptioningModel": "rnncap.models.attention",
+    "TransformerCaptioningModel": "rnncap.models.transformer",
     # data
     "Vocab": "rnncap.data.vocab",
     "load_dataset": "rnncap.data.datasets",
@@ -38,6 +40,7 @@ _WHERE = {
     "save_checkpoint": "rnncap.checkpoint",
     # inference
     "Captioner": "rnncap.inference.sample",
+    "Ensemble": "rnncap.inference.ensemble",
     "greedy_decode": "rnncap.inference.decoding",
     "sample_decode": "rnncap.inference.decoding",
     "beam_search": "rnncap.inference.decoding",

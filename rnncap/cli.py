@@ -23,7 +23,7 @@ COMMANDS = {
     "train": ("rnncap.training.train", "train a captioner on cached features"),
     "caption": ("rnncap.inference.sample", "caption photos with a trained checkpoint"),
     "evaluate": ("rnncap.evaluation.evaluate", "COCO metrics, diversity and an HTML report on a split"),
-    "bench": ("rnncap.bench", "time a training step and decoding against PyTorch"),
+    "bench": ("rnncap.bench.command", "time a training step and decoding against PyTorch"),
     "serve": ("rnncap.inference.serve", "a web page and a JSON API that caption photos"),
 }
 

@@ -1,4 +1,4 @@
-"""An outside oracle for the attention model: its PyTorch twin (rnncap.bench, the
+"""An outside oracle for the attention model: its PyTorch twin (rnncap.bench.peers, the
 benchmark's peer: nn.Linear, nn.LSTMCell, autograd) in float64 on the same weights
 and batch. Loss and every gradient must agree to 1e-10 (norm-relative)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from gradcheck import rel_error
 from rnncap.models.attention import AttentionCaptioningModel
 
 torch = pytest.importorskip("torch")
-from rnncap.bench import _gate_order, build_torch_attention, torch_loss  # noqa: E402
+from rnncap.bench.peers import _gate_order, build_torch_attention, torch_loss  # noqa: E402
 
 TOL = 1e-10
 

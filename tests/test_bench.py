@@ -8,38 +8,38 @@ import sys
 import numpy as np
 import pytest
 
-from rnncap import bench
+from rnncap.bench import measure, workloads
 from rnncap.cli import main
 
-TINY = bench.SIZES["tiny"]
+TINY = workloads.SIZES["tiny"]
 
 
 def test_make_batch_is_a_valid_ragged_caption_batch():
-    T = bench.SIZES["coco"]["T"]
-    f, c = bench.make_batch(200, bench.SIZES["coco"], seed=3)
+    T = workloads.SIZES["coco"]["T"]
+    f, c = workloads.make_batch(200, workloads.SIZES["coco"], seed=3)
     assert f.shape == (200, 512) and f.dtype == np.float32
-    assert c.shape == (200, T + 1) and (c[:, 0] == bench.START).all()
-    used = c[:, 1:] != bench.NULL
+    assert c.shape == (200, T + 1) and (c[:, 0] == workloads.START).all()
+    used = c[:, 1:] != workloads.NULL
     # padding only after the caption, and every caption but the full ones ends in <END>
     assert (np.diff(used.astype(int), axis=1) <= 0).all()
     lengths = used.sum(axis=1)
-    assert (c[np.arange(200), lengths] == bench.END).all()
+    assert (c[np.arange(200), lengths] == workloads.END).all()
     assert 0.6 < used.mean() < 0.85  # COCO-like: about a quarter padding
-    _, full = bench.make_batch(5, bench.SIZES["coco"], full_length=True)
-    assert (full[:, 1:] != bench.NULL).all() and not (full == bench.END).any()
+    _, full = workloads.make_batch(5, workloads.SIZES["coco"], full_length=True)
+    assert (full[:, 1:] != workloads.NULL).all() and not (full == workloads.END).any()
 
 
 def test_step_flops_counts_the_matmuls():
     # N=1, T=1, every dim 1: forward has 4 products (proj, Wx, Wh, vocab) of 2*4H or
     # 2 flops; backward doubles all but the projection.
     d = dict(T=1, D=1, W=1, H=1, V=1)
-    assert bench.step_flops(1, d) == 2 * 2 + 3 * (2 * 2 * 4 + 2)
-    assert bench.step_flops(6, bench.SIZES["coco"]) == 3 * bench.step_flops(2, bench.SIZES["coco"])
+    assert workloads.step_flops(1, d) == 2 * 2 + 3 * (2 * 2 * 4 + 2)
+    assert workloads.step_flops(6, workloads.SIZES["coco"]) == 3 * workloads.step_flops(2, workloads.SIZES["coco"])
     # padding skipped: fewer recurrent steps and scored positions, fewer FLOPs
-    _, c = bench.make_batch(50, bench.SIZES["coco"])
-    steps, scored = bench.work_done(c, bench.SIZES["coco"])
+    _, c = workloads.make_batch(50, workloads.SIZES["coco"])
+    steps, scored = workloads.work_done(c, workloads.SIZES["coco"])
     assert scored <= steps < 50 * 16
-    assert bench.step_flops(50, bench.SIZES["coco"], steps, scored) < bench.step_flops(50, bench.SIZES["coco"])
+    assert workloads.step_flops(50, workloads.SIZES["coco"], steps, scored) < workloads.step_flops(50, workloads.SIZES["coco"])
 
 
 def test_bench_tiny_end_to_end(tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_bench_attention_model_against_its_torch_twin(tmp_path, capsys):
     assert t["ratio"] > 0 and 0 < t["flops_per_step"]["rnncap"] <= t["flops_per_step"]["dense"]
     (d,) = r["decode"]
     assert d["rnncap greedy"]["captions_per_s"] > 0 and "torch greedy" not in d
-    assert bench.memory_probe("torch", 3, "tiny-attention")["peak_growth_bytes"] >= 0
+    assert measure.memory_probe("torch", 3, "tiny-attention")["peak_growth_bytes"] >= 0
 
 
 def test_bench_without_torch_and_json_to_stdout(capsys):
@@ -92,7 +92,7 @@ def test_bench_without_torch_and_json_to_stdout(capsys):
 
 
 def test_memory_probe_runs_in_a_subprocess():
-    m = bench._run_memory_probe("rnncap", 3, "tiny", 0)
+    m = measure.run_memory_probe("rnncap", 3, "tiny", 0)
     assert "error" not in m, m
     assert m["method"] in ("VmHWM after clear_refs", "ru_maxrss")
     # at this size a step may fit in pages already resident, but it does allocate
@@ -149,7 +149,7 @@ def test_loss_in_shards_equals_loss_in_one_piece(cell, dropout):
     kw = dict(vocab_size=19, input_dim=6, wordvec_dim=5, hidden_dim=7, cell_type=cell,
               dtype=np.float64, seed=2, dropout=dropout, label_smoothing=0.1)
     a, b = M.CaptioningModel(**kw), M.CaptioningModel(**kw)
-    features, captions = bench.make_batch(130, dict(T=9, D=6, W=5, H=7, V=19), seed=4)
+    features, captions = workloads.make_batch(130, dict(T=9, D=6, W=5, H=7, V=19), seed=4)
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         assert len(M._shards(130, np)) == 2
         loss_a, grads_a = a.loss(features, captions)
@@ -167,7 +167,7 @@ def test_loss_in_shards_restores_blas_threads():
     from rnncap.models import model as M
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=0)
-    features, captions = bench.make_batch(130, dict(T=9, D=6, W=5, H=7, V=19))
+    features, captions = workloads.make_batch(130, dict(T=9, D=6, W=5, H=7, V=19))
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
         m.loss(features, captions)            # two shards
         m.loss(features[:40], captions[:40])  # one piece, one thread
@@ -182,7 +182,7 @@ def test_in_shards_splits_independent_rows_and_never_nests():
     from rnncap.inference.decoding import greedy_decode
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=0)
-    features, _ = bench.make_batch(40, dict(T=9, D=6, W=5, H=7, V=19))
+    features, _ = workloads.make_batch(40, dict(T=9, D=6, W=5, H=7, V=19))
     seen = []
 
     def decode(part):
@@ -209,7 +209,7 @@ def test_decoders_in_shards_match_one_piece():
     from rnncap.models import model as M
 
     m = M.CaptioningModel(19, 6, 5, 7, "lstm", seed=1)
-    features, _ = bench.make_batch(37, dict(T=9, D=6, W=5, H=7, V=19), seed=5)
+    features, _ = workloads.make_batch(37, dict(T=9, D=6, W=5, H=7, V=19), seed=5)
     runs = {}
     for threads in (2, 1):
         with threadpoolctl.threadpool_limits(threads, user_api="blas"):

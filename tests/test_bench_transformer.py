@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from rnncap import bench, bench_transformer
+from rnncap.bench import measure, transformer, workloads
 from rnncap.cli import main
 from rnncap.models.model import _shards
 
@@ -18,9 +18,9 @@ def test_step_flops_counts_the_matmuls():
     # memory kv 4, scores+sum 4, out 2; FFN 4; vocab 2 -> 30; x3 with the backward,
     # plus the memory projection's forward and weight gradient (2 + 2).
     ones = dict(T=1, L=1, D=1, E=1, F=1, V=1, heads=1, layers=1)
-    assert bench.step_flops(1, ones) == 3 * 30 + 4
-    big = bench.SIZES["transformer"]
-    assert bench.step_flops(128, big) == 64 * bench.step_flops(2, big)
+    assert workloads.step_flops(1, ones) == 3 * 30 + 4
+    big = workloads.SIZES["transformer"]
+    assert workloads.step_flops(128, big) == 64 * workloads.step_flops(2, big)
 
 
 def test_bench_transformer_against_its_torch_twin(tmp_path, capsys):
@@ -40,5 +40,5 @@ def test_bench_transformer_against_its_torch_twin(tmp_path, capsys):
     for d in r["decode"]:
         assert d["greedy_token_agreement"] == 1.0 and d["greedy_ratio"] > 0
         assert "torch beam" not in d and d["rnncap beam"]["captions_per_s"] > 0
-    assert bench.memory_probe("torch", 3, "tiny-transformer")["peak_growth_bytes"] >= 0
-    assert bench_transformer.shard_rows(bench.SIZES["coco"], 64) == 64
+    assert measure.memory_probe("torch", 3, "tiny-transformer")["peak_growth_bytes"] >= 0
+    assert transformer.shard_rows(workloads.SIZES["coco"], 64) == 64

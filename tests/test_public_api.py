@@ -15,7 +15,7 @@ import pytest
 import rnncap
 
 # Names whose arguments or results are arrays: their docstrings give shapes.
-ARRAYS = {"CaptioningModel", "AttentionCaptioningModel", "Vocab", "extract_features", "load_features",
+ARRAYS = {"CaptioningModel", "AttentionCaptioningModel", "TransformerCaptioningModel", "Ensemble", "Vocab", "extract_features", "load_features",
           "Trainer", "load_checkpoint", "save_checkpoint", "Captioner", "greedy_decode",
           "sample_decode", "beam_search", "evaluate_split"}
 

@@ -1,5 +1,5 @@
 """An outside oracle for the Transformer captioner: its PyTorch twin
-(rnncap.bench_transformer: nn.TransformerDecoder of nn.TransformerDecoderLayer,
+(rnncap.bench.transformer: nn.TransformerDecoder of nn.TransformerDecoderLayer,
 nn.MultiheadAttention inside, autograd) in float64 on the same weights and batch.
 The loss and every gradient must agree to 1e-10 (norm-relative); so must the
 scores of the course-style forward pass, and the twin's own cached greedy decoder
@@ -13,9 +13,9 @@ from gradcheck import rel_error
 from rnncap.models.transformer import TransformerCaptioningModel
 
 torch = pytest.importorskip("torch")
-from rnncap.bench import torch_loss  # noqa: E402
+from rnncap.bench.peers import torch_loss  # noqa: E402
 from test_attention_oracle import _batch as attention_batch  # noqa: E402
-from rnncap.bench_transformer import build_torch  # noqa: E402
+from rnncap.bench.transformer import build_torch  # noqa: E402
 
 TOL = 1e-10
 V, D, E, NH, F = 13, 7, 8, 2, 12

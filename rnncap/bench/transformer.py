@@ -6,7 +6,7 @@ nn.TransformerDecoderLayer (post-norm, relu, batch first), nn.Linear for the sco
 rnncap's weights are copied in (rnncap's row-major W is torch's weight transposed; the
 packed W_in is torch's in_proj_weight transposed). The tests use it as the float64
 oracle of the whole model (tests/test_transformer_oracle.py), the benchmark times it
-in float32 against rnncap's ``loss`` plus Adam, through rnncap.bench's common code.
+in float32 against rnncap's ``loss`` plus Adam, through rnncap.bench.measure.
 
 Decoding is timed against a PyTorch greedy decoder that also caches: each layer's
 memory keys and values are computed once, and every step appends its key and value
@@ -31,14 +31,14 @@ def shard_rows(dims, default):
     """The fewest rows per shard of the model's training step (the header's shard count)."""
     if not is_transformer(dims):
         return default
-    from .models.transformer import TransformerCaptioningModel
+    from ..models.transformer import TransformerCaptioningModel
 
     return TransformerCaptioningModel._min_shard_rows
 
 
 def build_rnncap(dims, seed, device="cpu", null_id=0, start_id=1, end_id=2, dtype=np.float32):
     """rnncap's Transformer for a size, without dropout (the twins must agree)."""
-    from .models.transformer import TransformerCaptioningModel
+    from ..models.transformer import TransformerCaptioningModel
 
     return TransformerCaptioningModel(
         dims["V"], dims["D"], dims["E"], dims["heads"], dims["layers"], dims["F"],
