@@ -202,3 +202,23 @@ def test_read_ahead_lets_other_errors_through_and_stops_when_closed():
     next(batches)
     batches.close()
     assert len(calls) <= 4  # this batch and the one read ahead, nothing after
+
+
+def test_calls_side_by_side_on_one_thread_each_give_the_same_features():
+    """With two torch threads a batch's calls run on two one-thread workers at once;
+    the features and their order do not change, nor does the caller's thread count."""
+    photos = _photos(8)
+    old, new = get_encoder(fast=False), get_encoder()
+    want = old.encode(photos)
+    torch.set_num_threads(2)
+    try:
+        got = new.encode(photos)
+        assert torch.get_num_threads() == 2
+        workers = encoders._one_thread_workers(2)
+        assert [workers.submit(torch.get_num_threads).result() for _ in range(4)] == [1] * 4
+        assert _max_diff(got, want) <= TOL
+        # Small batches: split across the threads, one image stays on this thread.
+        assert _max_diff(new.encode(photos[:2]), want[:2]) <= TOL
+        assert _max_diff(new.encode(photos[:1]), want[:1]) <= TOL
+    finally:
+        torch.set_num_threads(1)

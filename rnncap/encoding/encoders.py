@@ -108,7 +108,8 @@ class Encoder:
     docs/performance.md for the measurements behind it):
 
     - the network runs ``chunk`` images per call, as many as keep its largest
-      activation under ``CHUNK_BYTES``, whatever the batch size asked for;
+      activation under ``CHUNK_BYTES``, whatever the batch size asked for, and with
+      several torch threads, that many calls side by side, one thread each;
     - EfficientNet-Lite's convolutions run fused with their ReLU6 or residual add
       (oneDNN, where torch has it) and pad their narrow input, not the wide map;
     - images travel as uint8 pixels and are normalised by torch, straight into the
@@ -211,14 +212,42 @@ class Encoder:
         out = []
         with contextlib.closing(self._batches(images, batch_size)) as batches, torch.inference_mode():
             for x in batches:
-                step = self.chunk or len(x)
-                for i in range(0, len(x), step):
-                    out.append(fn(self._net, self._tensor(x[i:i + step])).float().cpu().numpy())
+                out += self._forward(fn, x)
         if not out:
             if row_shape is None:
                 raise RnncapError(f"{self.name}: no images given")
             return np.zeros((0, *row_shape), np.float32)
         return np.ascontiguousarray(np.concatenate(out))
+
+    def _forward(self, fn, x):
+        """``fn`` over the batch ``x``: a list of float32 arrays, one per network call.
+
+        On the fast path, calls of at most ``chunk`` images; on a CPU with several torch
+        threads, as many calls at once as there are threads, each on one thread
+        (``_one_thread_workers``), rather than one call at a time on all of them. Every
+        op on all threads ends in a wait for the slowest: a few images per call make
+        hundreds of such waits per batch, and on a busy machine each may last until the
+        OS runs the descheduled thread again. Calls side by side never wait for each
+        other. A batch of one image runs here, on every thread, as before.
+        """
+        import torch
+
+        def call(part):
+            return fn(self._net, self._tensor(part)).float().cpu().numpy()
+
+        if not self.fast:
+            return [call(x)]
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        step = min(self.chunk, -(-len(x) // threads))
+        parts = [x[i:i + step] for i in range(0, len(x), step)]
+        if threads == 1 or len(parts) == 1:
+            return [call(part) for part in parts]
+
+        def call_inference(part):  # inference mode is per thread
+            with torch.inference_mode():
+                return call(part)
+
+        return list(_one_thread_workers(threads).map(call_inference, parts))
 
     def _tensor(self, x):
         """A batch from ``_batches`` as the network's channels-last float32 input."""
@@ -284,6 +313,35 @@ def _chunk_size(net, image_size):
     return max(1, CHUNK_BYTES // (4 * net.largest_map(image_size)))
 
 
+_WORKERS = {}
+
+
+def _one_thread_workers(n):
+    """``n`` threads whose torch ops each run on one thread (shared by every encoder).
+    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count, and the
+    default for threads that have not yet run torch: each worker sets 1 for itself,
+    then the default is put back."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _WORKERS:
+        import torch
+
+        default = torch.get_num_threads()
+        started = threading.Barrier(n)
+
+        def one_thread():
+            torch.get_num_threads()  # torch sets up a thread's count on first use: let it, then set 1
+            torch.set_num_threads(1)
+            started.wait()  # every worker started (and set) before the default is restored
+
+        pool = ThreadPoolExecutor(n, thread_name_prefix="rnncap-encode", initializer=one_thread)
+        list(pool.map(lambda _: None, range(n)))
+        torch.set_num_threads(default)
+        _WORKERS[n] = pool
+    return _WORKERS[n]
+
+
 _FUSED = {}
 
 
@@ -299,7 +357,8 @@ def _fused_conv_available():
             x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.zeros(1)
             op = torch.ops.mkldnn._convolution_pointwise
             y = op(x, w, b, [0, 0], [1, 1], [1, 1], 1, "hardtanh", [0.0, 0.5], "")
-            z = op.binary(x, x, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
+            z = op.binary(x, x, _pack_conv_weight(w, (1, 1), 1), b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0,
+                          None, [], None)
             _FUSED["ok"] = float(y) == 0.5 and float(z) == 2.0
         except Exception:  # no oneDNN, another signature: the plain ops
             _FUSED["ok"] = False
@@ -314,6 +373,15 @@ def _pool_halves(maps):
 
     k = max(1, (maps.shape[3] - 1) // 2)
     return torch.cat([maps[:, :, :, :k].mean(dim=(2, 3)), maps[:, :, :, -k:].mean(dim=(2, 3))], dim=1)
+
+
+def _pack_conv_weight(weight, stride, groups):
+    """``weight`` reordered for oneDNN (an opaque mkldnn tensor); the padding given is
+    only a hint for the layout, any padding works with it."""
+    import torch
+
+    k = weight.shape[-1]
+    return torch.ops.mkldnn._reorder_convolution_weight(weight, [(k - 1) // 2] * 2, list(stride), [1, 1], groups)
 
 
 # ---- weights ------------------------------------------------------------------------
@@ -446,8 +514,17 @@ def _build_efficientnet_lite(variant):
         with the odd pixel of padding at the bottom/right. Strided convs need this
         asymmetric pad, which PyTorch's symmetric ``padding`` cannot express."""
 
+        packed = None  # the fused path's weights in oneDNN's own layout (see pack)
+
         def __init__(self, cin, cout, k, stride=1, groups=1):
             super().__init__(cin, cout, k, stride=stride, groups=groups, bias=False)
+
+        def pack(self):
+            """Reorder the weights once into the layout oneDNN's kernels read, which the
+            fused op would otherwise redo on every call: a few images per call leave
+            little work to spread that over. Not a parameter: the state dict keeps
+            the plain weights."""
+            self.packed = _pack_conv_weight(self.weight.detach(), self.stride, self.groups)
 
         def pads(self, h, w):
             """[left, right, top, bottom] (``F.pad``'s order) for an h x w input."""
@@ -473,7 +550,8 @@ def _build_efficientnet_lite(variant):
             ``+ residual``: one oneDNN op when ``fused``, else the plain ones, in place."""
             if fused:
                 op = torch.ops.mkldnn._convolution_pointwise
-                args = (self.weight, self.bias, padding, self.stride, (1, 1), self.groups)
+                weight = self.weight if self.packed is None else self.packed
+                args = (weight, self.bias, padding, self.stride, (1, 1), self.groups)
                 if residual is not None:
                     return op.binary(x, residual, *args, "add", 1.0, None, [], None)
                 return op(x, *args, "hardtanh" if relu6 else "none", [0.0, 6.0] if relu6 else [], "")
@@ -589,6 +667,10 @@ def _build_efficientnet_lite(variant):
             fused ops (``_fused_conv_available``)."""
             self.fold_batchnorm()
             self.fast, self.fused = True, bool(fused)
+            if self.fused:
+                for m in self.modules():
+                    if isinstance(m, SameConv):
+                        m.pack()
 
         def largest_map(self, size):
             """Floats in the largest activation for one size x size image: a block's
