@@ -357,8 +357,7 @@ def _fused_conv_available():
             x, w, b = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1), torch.zeros(1)
             op = torch.ops.mkldnn._convolution_pointwise
             y = op(x, w, b, [0, 0], [1, 1], [1, 1], 1, "hardtanh", [0.0, 0.5], "")
-            z = op.binary(x, x, _pack_conv_weight(w, (1, 1), 1), b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0,
-                          None, [], None)
+            z = op.binary(x, x, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, None, [], None)
             _FUSED["ok"] = float(y) == 0.5 and float(z) == 2.0
         except Exception:  # no oneDNN, another signature: the plain ops
             _FUSED["ok"] = False
@@ -373,15 +372,6 @@ def _pool_halves(maps):
 
     k = max(1, (maps.shape[3] - 1) // 2)
     return torch.cat([maps[:, :, :, :k].mean(dim=(2, 3)), maps[:, :, :, -k:].mean(dim=(2, 3))], dim=1)
-
-
-def _pack_conv_weight(weight, stride, groups):
-    """``weight`` reordered for oneDNN (an opaque mkldnn tensor); the padding given is
-    only a hint for the layout, any padding works with it."""
-    import torch
-
-    k = weight.shape[-1]
-    return torch.ops.mkldnn._reorder_convolution_weight(weight, [(k - 1) // 2] * 2, list(stride), [1, 1], groups)
 
 
 # ---- weights ------------------------------------------------------------------------
@@ -514,17 +504,8 @@ def _build_efficientnet_lite(variant):
         with the odd pixel of padding at the bottom/right. Strided convs need this
         asymmetric pad, which PyTorch's symmetric ``padding`` cannot express."""
 
-        packed = None  # the fused path's weights in oneDNN's own layout (see pack)
-
         def __init__(self, cin, cout, k, stride=1, groups=1):
             super().__init__(cin, cout, k, stride=stride, groups=groups, bias=False)
-
-        def pack(self):
-            """Reorder the weights once into the layout oneDNN's kernels read, which the
-            fused op would otherwise redo on every call: a few images per call leave
-            little work to spread that over. Not a parameter: the state dict keeps
-            the plain weights."""
-            self.packed = _pack_conv_weight(self.weight.detach(), self.stride, self.groups)
 
         def pads(self, h, w):
             """[left, right, top, bottom] (``F.pad``'s order) for an h x w input."""
@@ -550,8 +531,7 @@ def _build_efficientnet_lite(variant):
             ``+ residual``: one oneDNN op when ``fused``, else the plain ones, in place."""
             if fused:
                 op = torch.ops.mkldnn._convolution_pointwise
-                weight = self.weight if self.packed is None else self.packed
-                args = (weight, self.bias, padding, self.stride, (1, 1), self.groups)
+                args = (self.weight, self.bias, padding, self.stride, (1, 1), self.groups)
                 if residual is not None:
                     return op.binary(x, residual, *args, "add", 1.0, None, [], None)
                 return op(x, *args, "hardtanh" if relu6 else "none", [0.0, 6.0] if relu6 else [], "")
@@ -667,10 +647,6 @@ def _build_efficientnet_lite(variant):
             fused ops (``_fused_conv_available``)."""
             self.fold_batchnorm()
             self.fast, self.fused = True, bool(fused)
-            if self.fused:
-                for m in self.modules():
-                    if isinstance(m, SameConv):
-                        m.pack()
 
         def largest_map(self, size):
             """Floats in the largest activation for one size x size image: a block's
