@@ -97,3 +97,15 @@ def test_encoder_features_do_not_depend_on_the_batch(setup):
     together = cap.features(good)
     alone = np.concatenate([cap.features([p]) for p in good])
     np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)
+
+
+def test_caption_many_encodes_the_next_batch_meanwhile_and_keeps_the_order(setup):
+    from rnncap.errors import DataError
+    from rnncap.inference.sample import Captioner
+
+    ckpt, photos, broken = setup
+    good = [p for p in photos if p != broken]
+    cap = Captioner.from_checkpoint(ckpt)
+    assert cap.caption_many(good, batch_size=2) == [cap.caption(p) for p in good]
+    with pytest.raises(DataError, match="broken.jpg"):  # raised in its own batch's turn
+        cap.caption_many(photos, batch_size=2)

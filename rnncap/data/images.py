@@ -193,26 +193,26 @@ def _from_array(a, limit, label):
 
 def read_ahead(read, items, batch_size, workers=2):
     """Yield ``[read(item), ...]`` batch by batch, in order, while threads read the next
-    batch: decoding overlaps whatever the caller does with this one (Pillow and NumPy
-    let go of the GIL while they decode and resize).
+    batch: reading overlaps whatever the caller does with this one (Pillow, NumPy and
+    torch let go of the GIL while they decode, resize and compute). ``items`` may be
+    any iterable; it is taken one batch ahead, never all at once.
 
     An item whose ``read`` raises ``DataError`` gets that error in its place, so the
     caller decides: skip it, count it or raise it. Other exceptions propagate. Closing
     the generator early cancels what is still queued.
     """
+    import itertools
     from concurrent.futures import ThreadPoolExecutor
 
-    items = list(items)
-    if not items:
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rnncap-decode")
+    items = iter(items)
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="rnncap-read")
     try:
-        def submit(start):
-            return [pool.submit(read, item) for item in items[start:start + batch_size]]
+        def submit():
+            return [pool.submit(read, item) for item in itertools.islice(items, batch_size)]
 
-        pending = submit(0)
-        for start in range(0, len(items), batch_size):
-            current, pending = pending, submit(start + batch_size)
+        pending = submit()
+        while pending:
+            current, pending = pending, submit()
             yield [_result(fut) for fut in current]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -171,10 +171,15 @@ class Captioner:
         return top["caption"], top["attention"]
 
     def caption_many(self, images, beam=None, max_length=None, batch_size=16, length_norm=None):
+        """Captions of ``images``, ``batch_size`` at a time; a thread encodes the next
+        batch while this one is decoded (see ``ahead``)."""
+        import contextlib
+
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
         out = []
-        for i in range(0, len(images), batch_size):
-            out += self.caption_features(self.features(images[i:i + batch_size]), beam=beam,
-                                         max_length=max_length, length_norm=length_norm)
+        with contextlib.closing(ahead(self.features, batches)) as encoded:
+            for feats in encoded:
+                out += self.caption_features(feats, beam=beam, max_length=max_length, length_norm=length_norm)
         return out
 
     def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
@@ -209,6 +214,22 @@ class Captioner:
                 entries.append(entry)
             out.append(entries)
         return out
+
+
+def ahead(fn, batches):
+    """Yield ``fn(batch)`` for each of ``batches``, computing the next one in a thread
+    meanwhile: the encoder (torch, on every core) works on the next photos while the
+    decoder (NumPy, one thread at caption batch sizes) writes this batch's captions.
+    A ``DataError`` is raised in its batch's turn."""
+    import contextlib
+
+    from ..data.images import read_ahead
+
+    with contextlib.closing(read_ahead(fn, batches, 1, workers=1)) as results:
+        for [result] in results:
+            if isinstance(result, Exception):
+                raise result
+            yield result
 
 
 def _member_encoder(path, ckpt, weights, shared):
@@ -310,7 +331,7 @@ def run(args):
     import contextlib
 
     from ..errors import DataError
-    from ..data.images import load_image, read_ahead
+    from ..data.images import load_image
 
     if not args.photos:  # --checkpoint takes every name after it
         raise RnncapError("no photo given: name the photos before --checkpoint "
@@ -327,15 +348,23 @@ def run(args):
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then
     # encoded and decoded --batch-size at a time; the output keeps the arguments' order.
-    # The next batch is read while this one is captioned.
-    with contextlib.closing(read_ahead(load_image, args.photos, args.batch_size)) as batches:
-        for start, images in zip(range(0, len(args.photos), args.batch_size), batches):
-            batch = args.photos[start:start + args.batch_size]
-            plain = [i for i, (path, im) in enumerate(zip(batch, images))
-                     if not isinstance(im, DataError) and path not in figures]
-            captions = dict(zip(plain, cap.caption_many(
-                [images[i] for i in plain], beam=args.beam, max_length=args.max_length,
-                batch_size=args.batch_size, length_norm=args.length_norm)))
+    # The next batch is read and encoded while this one is decoded.
+    def read_and_encode(batch):
+        images = []
+        for path in batch:
+            try:
+                images.append(load_image(path))
+            except DataError as e:
+                images.append(e)
+        plain = [i for i, (path, im) in enumerate(zip(batch, images))
+                 if not isinstance(im, DataError) and path not in figures]
+        return batch, images, plain, cap.features([images[i] for i in plain]) if plain else None
+
+    batches = (args.photos[i:i + args.batch_size] for i in range(0, len(args.photos), args.batch_size))
+    with contextlib.closing(ahead(read_and_encode, batches)) as encoded:
+        for batch, images, plain, feats in encoded:
+            captions = dict(zip(plain, cap.caption_features(
+                feats, beam=args.beam, max_length=args.max_length, length_norm=args.length_norm))) if plain else {}
             for i, (path, image) in enumerate(zip(batch, images)):
                 if isinstance(image, DataError):
                     print(f"rnncap caption: error: {image}", file=sys.stderr)
