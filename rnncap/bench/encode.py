@@ -53,6 +53,14 @@ def captioner_pair(checkpoint):
     return {"plain": plain, "fast": fast}
 
 
+def caption_one_batch_at_a_time(cap, images, batch_size):
+    """``Captioner.caption_many`` as it was before the encoder worked a batch ahead."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out += cap.caption_features(cap.features(images[i:i + batch_size]))
+    return out
+
+
 def contest(fns, n_images, repeats, warmup):
     """Time ``fns`` ({"plain": f, "fast": g}) alternately: images/s of each and the
     per-round ratio fast/plain."""
@@ -117,7 +125,8 @@ def run_benchmark(photos_224, photos_full, checkpoint=None, n=64, n_full=32, rep
             caps = captioner_pair(checkpoint)
             a, b = (caps[p].features(files) for p in PATHS)
             record("caption", f"Captioner.caption_many of {len(files)} full-size files, batch {caption_batch}",
-                   {p: (lambda p=p: caps[p].caption_many(files, batch_size=caption_batch)) for p in PATHS},
+                   {"plain": lambda: caption_one_batch_at_a_time(caps["plain"], files, caption_batch),
+                    "fast": lambda: caps["fast"].caption_many(files, batch_size=caption_batch)},
                    len(files), float(np.abs(np.asarray(a) - np.asarray(b)).max()))
     return result
 

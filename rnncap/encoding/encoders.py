@@ -263,6 +263,8 @@ class Encoder:
         images is read ahead in threads on the fast path."""
         import contextlib
 
+        import torch
+
         from ..data.images import read_ahead
 
         s = self.image_size
@@ -282,7 +284,9 @@ class Encoder:
             for i in range(0, len(images), batch_size):
                 yield np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
             return
-        with contextlib.closing(read_ahead(self.pixels, images, min(batch_size, self.chunk))) as batches:
+        # Read as many images ahead as the network's calls side by side take (_forward).
+        step = min(batch_size, self.chunk * (torch.get_num_threads() if self.device.type == "cpu" else 1))
+        with contextlib.closing(read_ahead(self.pixels, images, step)) as batches:
             for batch in batches:
                 yield np.stack(_raise_first(batch))
 
