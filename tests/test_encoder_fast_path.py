@@ -222,3 +222,29 @@ def test_calls_side_by_side_on_one_thread_each_give_the_same_features():
         assert _max_diff(new.encode(photos[:1]), want[:1]) <= TOL
     finally:
         torch.set_num_threads(1)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_encodes_with_threads_of_its_own():
+    """The workers are threads of the process that made them: a child forked after
+    them (a server's worker processes) must not wait on threads it does not have."""
+    import multiprocessing
+
+    photos = _photos(6)
+    new = get_encoder()
+    torch.set_num_threads(2)
+    try:
+        want = new.encode(photos)  # the parent's workers exist now
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        child = ctx.Process(target=lambda: results.put(new.encode(photos)))
+        child.start()
+        try:
+            got = results.get(timeout=60)
+        finally:
+            child.join(5)
+            if child.is_alive():  # hung on the parent's threads
+                child.kill()
+    finally:
+        torch.set_num_threads(1)
+    assert _max_diff(got, want) <= TOL

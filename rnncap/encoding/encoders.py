@@ -318,6 +318,8 @@ def _chunk_size(net, image_size):
 
 
 _WORKERS = {}
+if hasattr(os, "register_at_fork"):  # a forked child has none of these threads
+    os.register_at_fork(after_in_child=_WORKERS.clear)
 
 
 def _one_thread_workers(n):
