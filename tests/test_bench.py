@@ -221,3 +221,31 @@ def test_decoders_in_shards_match_one_piece():
     for a, b in zip(runs[2][1], runs[1][1]):
         assert [h.ids.tolist() for h in a] == [h.ids.tolist() for h in b]
         assert [h.logprob for h in a] == pytest.approx([h.logprob for h in b], abs=1e-5)
+
+
+def test_bench_encode_smoke(tmp_path, capsys):
+    """benchmarks/bench_encode.py at a tiny size: both paths run, give the same
+    features, the profile and the JSON come out; bad folders are one line."""
+    pytest.importorskip("torch")
+    pytest.importorskip("h5py")
+    from PIL import Image
+
+    from rnncap.bench import encode
+
+    rng = np.random.default_rng(0)
+    small, full = tmp_path / "small", tmp_path / "full"
+    for folder, size in ((small, (224, 224)), (full, (341, 256))):
+        folder.mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    out = tmp_path / "r.json"
+    assert encode.main(["--photos", str(small), "--full-size", str(full), "--n", "3", "--n-full", "2",
+                        "--repeats", "1", "--warmup", "0", "--profile", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "plain, features, 224 px" in text and "network: convolutions" in text and "fast/plain" in text
+    r = json.loads(out.read_text())
+    assert set(r["workloads"]) == {"features", "encode"}
+    for w in r["workloads"].values():
+        assert w["max_abs_diff"] <= 1e-4 and w["ratio"]["median"] > 0
+    assert encode.main(["--photos", str(tmp_path / "nope"), "--full-size", str(full)]) == 2
+    assert "no such folder" in capsys.readouterr().err
