@@ -71,12 +71,11 @@ def contest(fns, n_images, repeats, warmup):
     return out
 
 
-def features_workload(encoders, paths, batch_size=32, workers=2):
-    """{path: a function that encodes ``paths`` into a fresh HDF5 cache}, and a check
-    that both caches hold the same features (max abs difference)."""
+def features_workload(encoders, paths, folder, batch_size=32, workers=2):
+    """{path: a function that encodes ``paths`` into a fresh HDF5 cache in ``folder``},
+    and a check that both caches hold the same features (max abs difference)."""
     from ..encoding.features import extract_features, load_features
 
-    folder = tempfile.mkdtemp(prefix="rnncap-bench-encode-")
     items = {"train": ([os.path.basename(p) for p in paths], paths)}
 
     def run(path):
@@ -112,9 +111,10 @@ def run_benchmark(photos_224, photos_full, checkpoint=None, n=64, n_full=32, rep
 
     if photos_224:
         files = photo_files(photos_224, n)
-        fns, max_diff = features_workload(encoders, files, batch_size)
-        record("features", f"extract_features, {len(files)} photos, batch {batch_size}", fns, len(files),
-               max_diff())
+        with tempfile.TemporaryDirectory(prefix="rnncap-bench-encode-") as folder:
+            fns, max_diff = features_workload(encoders, files, folder, batch_size)
+            record("features", f"extract_features, {len(files)} photos, batch {batch_size}", fns, len(files),
+                   max_diff())
     if photos_full:
         files = photo_files(photos_full, n_full)
         a, b = (encoders[p].encode(files, batch_size=caption_batch) for p in PATHS)

@@ -142,7 +142,8 @@ class Encoder:
             net.use_fast_path(fused=self.device.type == "cpu" and _fused_conv_available())
         # channels_last suits the depthwise and 1x1 convolutions of oneDNN and cuDNN.
         self._net = net.to(self.device, memory_format=torch.channels_last)
-        self.chunk = _chunk_size(net, spec.image_size) if self.fast else None
+        # On a GPU the whole batch goes in one call: the memory reasoning is the CPU's.
+        self.chunk = _chunk_size(net, spec.image_size) if self.fast and self.device.type == "cpu" else None
         self._mean_t = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
         self._scale_t = torch.tensor(spec.scale, dtype=torch.float32, device=self.device).reshape(1, 3, 1, 1)
 
@@ -235,9 +236,9 @@ class Encoder:
         def call(part):
             return fn(self._net, self._tensor(part)).float().cpu().numpy()
 
-        if not self.fast:
+        if self.chunk is None:
             return [call(x)]
-        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        threads = torch.get_num_threads()
         step = min(self.chunk, -(-len(x) // threads))
         parts = [x[i:i + step] for i in range(0, len(x), step)]
         if threads == 1 or len(parts) == 1:
@@ -285,7 +286,7 @@ class Encoder:
                 yield np.stack([self.preprocess(im) for im in images[i:i + batch_size]])
             return
         # Read as many images ahead as the network's calls side by side take (_forward).
-        step = min(batch_size, self.chunk * (torch.get_num_threads() if self.device.type == "cpu" else 1))
+        step = min(batch_size, self.chunk * torch.get_num_threads()) if self.chunk else batch_size
         with contextlib.closing(read_ahead(self.pixels, images, step)) as batches:
             for batch in batches:
                 yield np.stack(_raise_first(batch))
