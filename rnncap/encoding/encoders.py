@@ -104,8 +104,8 @@ class Encoder:
     ``image_size`` (S), ``pooling``, ``device``.
     Images may be anything ``rnncap.data.images.load_image`` accepts.
 
-    The fast path (``fast=True``, the default; see "The fast path" in
-    docs/performance.md for the measurements behind it):
+    The fast path (``fast=True``, the default; the measurements behind it are in
+    docs/performance.md, "The encoder: photos to features"):
 
     - the network runs ``chunk`` images per call, as many as keep its largest
       activation under ``CHUNK_BYTES``, whatever the batch size asked for, and with
@@ -114,8 +114,10 @@ class Encoder:
       (oneDNN, where torch has it) and pad their narrow input, not the wide map;
     - images travel as uint8 pixels and are normalised by torch, straight into the
       channels-last layout the network runs in;
-    - a list of images is decoded and resized in threads, the next chunk while the
-      network runs on this one.
+    - a list of images is decoded and resized in threads, the next calls' images
+      while the network runs on these.
+    On a GPU the batch goes whole into one call. ``fast=False``: the plain path,
+    kept for benchmarks.
     """
 
     def __init__(self, spec, net, weights_path, device="cpu", pooling="mean", fast=True):
@@ -306,10 +308,11 @@ def _raise_first(results):
 # malloc maps every block over its threshold (at most 32 MiB) fresh from the kernel
 # and unmaps it when freed, so a batch of 32 at 224 pixels (EfficientNet-Lite0's
 # widest map: 32 x 96 x 112 x 112 floats, 154 MB) paid a page fault for every 4 KiB
-# of every layer's output, every batch: a third of the time. Under the threshold the
-# heap reuses its blocks, and a layer's input and output stay within a last-level
-# cache. Measured on EfficientNet-Lite0: 3 to 6 images per call alike, 8 slower, 32
-# slowest (docs/performance.md).
+# of every layer's output, every batch: about a third of the time. Under the
+# threshold the heap reuses its blocks, and a layer's input and output stay within a
+# last-level cache. Measured on EfficientNet-Lite0: 2 to 6 images per call alike, 1
+# and 9 slower, 32 in one call 1.7-1.8x slower (docs/performance.md, "The encoder:
+# photos to features").
 CHUNK_BYTES = 16 << 20
 
 
