@@ -139,6 +139,7 @@ def test_model_health_openapi_and_page(client):
     assert m["training_data"] == "tiny-synthetic-scenes"
     assert m["decoding_defaults"] == {"beam": 3, "n": 1, "length_norm": 0.0, "max_length": 17}
     assert m["limits"]["max_bytes"] == MB and m["limits"]["max_files"] == 3
+    assert m["limits"]["max_batch"] == 8 and m["limits"]["batch_wait_ms"] == 5
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["in_progress"] == 0
     spec = client.get("/openapi.json").json()
@@ -279,8 +280,8 @@ def test_unknown_paths_and_methods_answer_json(client):
 
 class FakeCaptioner:
     """Answers like an attention Captioner: word i of every caption looks at cell
-    (i % h, i % w) of an h x w grid. ``hold`` (a threading.Event) makes every call
-    wait for it."""
+    (i % h, i % w) of an h x w grid. ``hold`` (a threading.Event) makes every encoder
+    batch wait for it; ``calls`` counts them."""
 
     max_length = 8
     h, w = 2, 3
@@ -289,14 +290,17 @@ class FakeCaptioner:
     def __init__(self, hold=None):
         self.hold, self.calls = hold, 0
 
-    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
-                        return_attention=False):
+    def features(self, images):
         self.calls += 1
         if self.hold is not None:
             assert self.hold.wait(30)
+        assert all(im.mode == "RGB" for im in images)  # decoded photos, as Captioner gets them
+        return np.zeros((len(images), 1))
+
+    def caption_details_from_features(self, feats, beam=None, n=1, length_norm=None, max_length=None,
+                                      return_attention=False):
         out = []
-        for im in images:
-            assert im.mode == "RGB"  # a decoded photo, as Captioner gets it
+        for _ in feats:
             entries = []
             for k in range(n):
                 words = ["a", "red", "ball"] + ["again"] * k
@@ -309,6 +313,11 @@ class FakeCaptioner:
                 entries.append(e)
             out.append(entries)
         return out
+
+    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
+                        return_attention=False):
+        return self.caption_details_from_features(self.features(images), beam, n, length_norm, max_length,
+                                                  return_attention)
 
 
 def test_attention_weights_are_passed_through_per_word(photos):
@@ -349,10 +358,11 @@ def test_a_real_attention_checkpoint_gives_the_maps_of_caption(tmp_path, photos)
     assert all(np.array(x["attention"]).shape == (len(x["words"]), 7, 7) for x in caps)
 
 
-def test_beyond_capacity_503_with_retry_after_then_serving_again(photos):
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_beyond_capacity_503_with_retry_after_then_serving_again(photos, max_batch):
     hold = threading.Event()
     fake = FakeCaptioner(hold)
-    app = create_app(fake, limits=Limits(workers=1, max_pending=2))
+    app = create_app(fake, limits=Limits(workers=1, max_pending=2, max_batch=max_batch))
     data = photos[0].read_bytes()
     with TestClient(app) as c:
         results = []
@@ -376,6 +386,147 @@ def test_beyond_capacity_503_with_retry_after_then_serving_again(photos):
         assert c.get("/api/health").json()["in_progress"] == 0
 
 
+# ---- batching: requests that arrive together are captioned together ---------------
+
+def post_together(url, uploads):
+    """POST each (files, query) of ``uploads`` from its own thread and client, all
+    released at once; the responses, in order."""
+    start = threading.Barrier(len(uploads))
+    out = [None] * len(uploads)
+
+    def send(k, files, query):
+        with httpx.Client(timeout=120) as c:
+            start.wait()
+            out[k] = c.post(url + "api/caption" + query, files=files)
+
+    threads = [threading.Thread(target=send, args=(k, *u)) for k, u in enumerate(uploads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def one_photo(p):
+    return [("image", (p.name, p.read_bytes()))]
+
+
+# Long enough that the photos of requests sent at once always meet in one batch; a
+# full batch starts at once, so the tests do not wait for it.
+GATHER = dict(batch_wait_ms=20_000)
+
+
+def test_requests_arriving_together_share_a_batch_and_each_gets_its_own_caption(captioner, photos):
+    alone = {p.name: captioner.caption_details([str(p)])[0][0] for p in photos}
+    app = create_app(captioner, limits=Limits(max_batch=len(photos), **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [(one_photo(p), "") for p in photos])
+        stats = httpx.get(url + "api/health").json()["batches"]
+    assert [r.status_code for r in answers] == [200] * len(photos), [r.text for r in answers]
+    for p, r in zip(photos, answers):
+        [photo] = r.json()["photos"]
+        assert photo["name"] == p.name and photo["batch"] == len(photos)
+        assert photo["captions"][0]["caption"] == alone[p.name]["caption"]
+        assert photo["captions"][0]["logprob"] == pytest.approx(alone[p.name]["logprob"], rel=1e-5)
+    assert len({r.json()["photos"][0]["captions"][0]["caption"] for r in answers}) > 1  # not one caption for all
+    assert stats == {"count": 1, "photos": len(photos), "largest": len(photos), "max_batch": len(photos)}
+
+
+def test_decoding_options_of_requests_in_one_batch_are_each_honoured(captioner, photos):
+    asks = [(photos[0], "", {}), (photos[0], "?beam=1", {"beam": 1}), (photos[1], "?n=3", {"n": 3}),
+            (photos[2], "?beam=2&length_norm=1.5", {"beam": 2, "length_norm": 1.5}), (photos[1], "", {})]
+    app = create_app(captioner, limits=Limits(max_batch=len(asks), **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [(one_photo(p), query) for p, query, _ in asks])
+    for (p, query, kwargs), r in zip(asks, answers):
+        assert r.status_code == 200, r.text
+        [photo] = r.json()["photos"]
+        assert photo["batch"] == len(asks)
+        want = captioner.caption_details([str(p)], **kwargs)[0]
+        assert [c["caption"] for c in photo["captions"]] == [c["caption"] for c in want], query
+        np.testing.assert_allclose([c["logprob"] for c in photo["captions"]], [c["logprob"] for c in want],
+                                   rtol=1e-5)
+        assert r.json()["decoding"]["beam"] == kwargs.get("beam", 3)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_max_batch_bounds_the_batch_and_a_bigger_request_keeps_its_order(captioner, photos, expected, max_batch):
+    """--max-batch 1 captions photo by photo, as before batching; a request with more
+    photos than a batch holds is spread over several, in order."""
+    app = create_app(captioner, limits=Limits(max_batch=max_batch, **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [([("image", (p.name, p.read_bytes())) for p in photos[:3]], ""),
+                                      (one_photo(photos[3]), "")])
+        stats = httpx.get(url + "api/health").json()["batches"]
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    got = [(x["name"], x["captions"][0]["caption"]) for r in answers for x in r.json()["photos"]]
+    assert got == [(p.name, expected[p.name]) for p in photos]
+    assert all(x["batch"] <= max_batch for r in answers for x in r.json()["photos"])
+    assert stats["largest"] == max_batch and stats["photos"] == 4 and stats["count"] == 4 // max_batch
+
+
+def test_a_photo_that_fails_to_decode_fails_only_its_own_request(captioner, photos, expected):
+    uploads = [(one_photo(photos[0]), ""), ([("image", ("cat.jpg", b"hello, this is text"))], ""),
+               ([("image", (photos[2].name, photos[2].read_bytes())), ("image", ("half.jpg", _jpeg_cut(photos)))], ""),
+               (one_photo(photos[1]), "")]
+    app = create_app(captioner, limits=Limits(max_batch=5, **GATHER))
+    with serving_in_thread(app) as url:
+        first, text, half, last = post_together(url, uploads)
+        assert text.status_code == 422 and "'cat.jpg'" in text.json()["error"]
+        assert half.status_code == 422 and "'half.jpg' (photo 2 of 2)" in half.json()["error"]
+        for p, r in ((photos[0], first), (photos[1], last)):
+            assert r.status_code == 200, r.text
+            assert r.json()["photos"][0]["captions"][0]["caption"] == expected[p.name]
+            assert r.json()["photos"][0]["batch"] == 2  # captioned together; the bad ones left out
+        # The batcher goes on: the next requests are captioned.
+        again = post_together(url, [(one_photo(p), "") for p in photos[:2]])
+        assert [r.json()["photos"][0]["captions"][0]["caption"] for r in again] == [expected[p.name]
+                                                                                     for p in photos[:2]]
+
+
+class FailsOnWidth13(FakeCaptioner):
+    """Breaks (a stand-in for a bug) on any batch holding a photo 13 pixels wide."""
+
+    def features(self, images):
+        if any(im.width == 13 for im in images):
+            raise RuntimeError("no 13")
+        return super().features(images)
+
+
+def test_an_error_in_a_batch_fails_only_the_request_that_causes_it():
+    uploads = [([("image", ("a.png", _png((20, 10))))], ""), ([("image", ("b.png", _png((13, 10))))], ""),
+               ([("image", ("c.png", _png((30, 10))))], "")]
+    app = create_app(FailsOnWidth13(), limits=Limits(max_batch=3, **GATHER))
+    with serving_in_thread(app) as url:
+        a, b, c = post_together(url, uploads)
+    assert (a.status_code, b.status_code, c.status_code) == (200, 500, 200)
+    assert "internal error" in b.json()["error"]
+    assert a.json()["photos"][0]["captions"][0]["caption"] == "a red ball"
+
+
+def test_shutting_down_fails_queued_requests_with_503_and_ends_the_workers(photos):
+    from rnncap.inference.serve import ApiError, _Batcher
+
+    hold = threading.Event()
+    fake = FakeCaptioner(hold)
+    batcher = _Batcher(fake, Limits(max_batch=1, workers=1))
+    batcher.start()
+    [worker] = batcher._threads
+    photo = [(photos[0].name, "photo", photos[0].read_bytes())]
+    running, queued = batcher.submit(photo, {}), batcher.submit(photo, {})
+    deadline = time.monotonic() + 20
+    while fake.calls < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.close()
+    error = queued.exception(timeout=5)
+    assert isinstance(error, ApiError) and error.status == 503 and "shutting down" in error.message
+    hold.set()
+    results, _, _ = running.result(timeout=20)  # the batch under way ends on its own
+    assert results[0]["captions"][0]["caption"] == "a red ball"
+    worker.join(10)
+    assert not worker.is_alive() and fake.calls == 1
+
+
 def test_cors_is_off_unless_asked(photos):
     origin = {"Origin": "http://elsewhere.test"}
     off = TestClient(create_app(FakeCaptioner()))
@@ -392,7 +543,8 @@ def test_serve_help_and_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--host", "--port", "--max-upload-mb", "--cors-origin", "runs/demo/model/best.npz"):
+    for flag in ("--checkpoint", "--host", "--port", "--max-upload-mb", "--cors-origin", "--max-batch",
+                 "--batch-wait-ms", "runs/demo/model/best.npz"):
         assert flag in out
     monkeypatch.chdir(tmp_path)  # no runs/demo here
     assert cli.main(["serve"]) == 2
@@ -400,6 +552,14 @@ def test_serve_help_and_one_line_errors(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "rnncap demo" in err and "--checkpoint" in err
     assert cli.main(["serve", "--checkpoint", "nope.npz"]) == 2
     assert "nope.npz" in capsys.readouterr().err
+
+
+def test_the_flags_set_the_limits():
+    from rnncap.inference.serve import limits_from_args
+
+    args = cli.build_parser().parse_args(["serve", "--max-batch", "1", "--batch-wait-ms", "0", "--workers", "2"])
+    assert limits_from_args(args) == Limits(max_batch=1, batch_wait_ms=0.0, workers=2)
+    assert limits_from_args(cli.build_parser().parse_args(["serve"])) == Limits()
 
 
 def test_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
@@ -436,6 +596,8 @@ def test_load_no_errors_and_the_same_captions(server, photos):
     assert all(r["captions"] == [single[r["payload"]]] for r in records)
     assert all(r["retry_after_ok"] for r in records)
     assert proc.poll() is None
+    # Eight clients at once: photos of different requests were captioned together.
+    assert httpx.get(url + "api/health").json()["batches"]["largest"] > 1
 
 
 def test_real_server_counts_the_body_it_reads(server, photos):
