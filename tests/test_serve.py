@@ -5,6 +5,7 @@ the command's start-up and Ctrl-C.
 The real-model tests share one tiny checkpoint (conftest ``tiny_checkpoint``) and one
 server subprocess; nothing leaves 127.0.0.1.
 """
+import contextlib
 import io
 import shutil
 import struct
@@ -609,6 +610,87 @@ def test_real_server_counts_the_body_it_reads(server, photos):
     assert r.status_code == 413 and "10 MB" in r.json()["error"]
     r = httpx.post(url + "api/caption", files={"image": (photos[0].name, photos[0].read_bytes())}, timeout=60)
     assert r.status_code == 200
+
+
+def urllib_post(url, body, headers=None):
+    """POST with Python's urllib, which sends its whole body before reading the answer
+    (and asks for Connection: close): (status, headers, parsed JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=xyz", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, json.loads(e.read())
+
+
+@pytest.mark.parametrize("how, size", [("Content-Length", 12 * MB), ("chunked", 30 * MB)])
+def test_urllib_reads_the_413_of_an_oversized_upload(server, photos, expected, how, size):
+    """The server reads and drops the rest of an oversized body (up to 4x the limit)
+    before answering, so a client that sends everything first reads the 413 JSON
+    instead of a reset connection. (Chunked, the server reads 10 MB before it knows:
+    the rest must outgrow the sockets' buffers for the test to mean anything.)"""
+    _, url, _, _ = server
+    status, _, body = urllib_post(url + "api/caption", b"".join(_chunks(size)) if how == "Content-Length"
+                                  else _chunks(size))
+    assert status == 413 and "10 MB" in body["error"], body
+    status, _, body = urllib_post(url + "api/caption", _multipart(photos[0]))
+    assert status == 200 and body["photos"][0]["captions"][0]["caption"] == expected[photos[0].name]
+
+
+def _multipart(photo):
+    return (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="' + photo.name.encode()
+            + b'"\r\n\r\n' + photo.read_bytes() + b"\r\n--xyz--\r\n")
+
+
+def test_a_body_beyond_the_drain_bound_ends_its_connection(server, photos):
+    """Past 4x the limit (40 MB here) the server stops reading: the connection ends,
+    and the server goes on serving."""
+    import socket
+
+    _, url, _, _ = server
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    endless, sent, chunk = 200 * MB, 0, b"\0" * (256 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: multipart/form-data; boundary=xyz\r\n\r\n")
+        frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            while sent < endless:
+                s.sendall(frame)
+                sent += len(chunk)
+        assert sent < endless  # the server closed the connection long before
+        with contextlib.suppress(ConnectionError):
+            rest = s.recv(1 << 16)
+            while rest and s.recv(1 << 16):
+                pass
+    assert httpx.get(url + "api/health", timeout=30).json()["status"] == "ok"
+    r = httpx.post(url + "api/caption", files={"image": (photos[0].name, photos[0].read_bytes())}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_urllib_reads_the_503_of_a_busy_server(photos):
+    """The drain serves every early answer: the busy one too."""
+    hold = threading.Event()
+    app = create_app(FakeCaptioner(hold), limits=Limits(max_pending=1, max_bytes=16 * MB))
+    with serving_in_thread(app) as url:
+        held = threading.Thread(target=lambda: httpx.post(url + "api/caption", timeout=60,
+                                                          files={"image": ("a.png", photos[0].read_bytes())}))
+        held.start()
+        try:
+            deadline = time.monotonic() + 20
+            while httpx.get(url + "api/health").json()["in_progress"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            status, headers, body = urllib_post(url + "api/caption", b"".join(_chunks(12 * MB)))
+            assert status == 503 and "busy" in body["error"] and int(headers["Retry-After"]) >= 1
+        finally:
+            hold.set()
+            held.join(30)
 
 
 @pytest.mark.slow

@@ -57,6 +57,9 @@ from ..data.images import DEFAULT_MAX_PIXELS
 # Where `rnncap demo` (default --out runs/demo) keeps its best model.
 DEMO_CHECKPOINT = os.path.join("runs", "demo", "model", "best.npz")
 MB = 1024 * 1024
+# An early answer (413, 503, ...) waits until the client has sent its body, up to this
+# many times the upload limit and this long, so that every client can read it.
+DRAIN_FACTOR, DRAIN_SECONDS = 4, 30.0
 STATIC = Path(__file__).resolve().parent / "static"
 
 # The page may load and call only this server; images are shown from blob: URLs.
@@ -144,6 +147,7 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
                   description="Caption photos with a recurrent captioner. POST photos as multipart "
                               "field `image` to /api/caption. Errors are JSON: {\"error\": \"...\"}.")
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_DrainBody, bound=DRAIN_FACTOR * limits.max_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -253,6 +257,50 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class _DrainBody:
+    """Plain ASGI middleware: before answering a request whose body is not read to its
+    end (a 413, a 503, any early error), read and drop the rest of it, up to ``bound``
+    bytes in all and DRAIN_SECONDS. A client that sends its whole body before reading
+    (Python's urllib, which also asks for ``Connection: close``) would otherwise see
+    the connection reset under it instead of the answer. A body beyond the bound is
+    not read on: its answer goes out with ``Connection: close`` and the connection
+    ends."""
+
+    def __init__(self, app, bound):
+        self.app, self.bound = app, bound
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body = {"read": 0, "ended": False}
+
+        async def counting_receive():
+            message = await receive()
+            body["read"] += len(message.get("body", b""))
+            body["ended"] |= message["type"] == "http.disconnect" or not message.get("more_body", False)
+            return message
+
+        async def drain():
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.bound:
+                return False
+            while not body["ended"] and body["read"] <= self.bound:
+                await counting_receive()
+            return body["read"] <= self.bound
+
+        async def send_after_drain(message):
+            if message["type"] == "http.response.start" and not body["ended"]:
+                try:
+                    drained = await asyncio.wait_for(drain(), DRAIN_SECONDS)
+                except asyncio.TimeoutError:
+                    drained = False
+                if not drained:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counting_receive, send_after_drain)
 
 
 async def _read_photos(request, limits):
