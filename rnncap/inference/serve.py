@@ -192,7 +192,8 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
         return {**(info or {}), "attention": wants_attention, "decoding_defaults": defaults,
                 "limits": asdict(limits)}
 
-    @app.post("/api/caption", summary="Caption one or several photos", openapi_extra=_UPLOAD_SCHEMA)
+    @app.post("/api/caption", summary="Caption one or several photos", openapi_extra=_upload_schema(limits),
+              responses=_ERROR_RESPONSES)
     async def caption(
         request: Request,
         beam: int | None = Query(None, ge=1, le=limits.max_beam,
@@ -234,11 +235,28 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
     return app
 
 
-# The request body of POST /api/caption, for /openapi.json (the body is read by hand).
-_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["image"],
-    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                             "description": "one or several photos (JPEG, PNG, ...)"}}}}}}}
+def _upload_schema(limits):
+    """The request body of POST /api/caption, for /openapi.json (the body is read by hand)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "array", "minItems": 1, "maxItems": limits.max_files,
+                                 "items": {"type": "string", "format": "binary"},
+                                 "description": "one or several photos (JPEG, PNG, ...)"}}}}}}}
+
+
+# What /openapi.json says of the errors of POST /api/caption: each is {"error": "..."}.
+_ERROR_BODY = {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                               "properties": {"error": {"type": "string"}}}}}
+_ERROR_RESPONSES = {
+    400: {"description": "no field `image`, text instead of files, too many files, a malformed body",
+          "content": _ERROR_BODY},
+    413: {"description": "the body is over the upload limit", "content": _ERROR_BODY},
+    415: {"description": "the body is not multipart/form-data", "content": _ERROR_BODY},
+    422: {"description": "a file that is not a usable image, or a query parameter out of range",
+          "content": _ERROR_BODY},
+    503: {"description": "busy: try again after Retry-After seconds", "content": _ERROR_BODY,
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+}
 
 
 class _SecurityHeaders:
