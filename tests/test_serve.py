@@ -529,6 +529,13 @@ def test_shutting_down_fails_queued_requests_with_503_and_ends_the_workers(photo
     assert not worker.is_alive() and fake.calls == 1
 
 
+def test_a_request_of_no_photos_does_not_wait_for_ever():
+    from rnncap.inference.serve import _Batcher
+
+    results, _, _ = _Batcher(FakeCaptioner(), Limits()).submit([], {}).result(timeout=5)
+    assert results == []
+
+
 def test_cors_is_off_unless_asked(photos):
     origin = {"Origin": "http://elsewhere.test"}
     off = TestClient(create_app(FakeCaptioner()))

@@ -462,6 +462,10 @@ class _Batcher:
         """Queue a request's photos [(name, label, bytes)]; a concurrent Future of
         (results, start, end), or of the request's DataError."""
         job = _Job(photos, kwargs)
+        if not job.photos:  # nothing to wait for (the app never sends none)
+            job.take()
+            job.future.set_result(([], job.started, job.started))
+            return job.future
         with self._cond:
             self.start()  # started by the app's lifespan; here too for an app used without it
             self._queue.extend((job, i) for i in range(len(job.photos)))
