@@ -265,6 +265,34 @@ def test_forbidding_every_other_word_leaves_nothing_to_learn():
     assert all(len(a) == 0 for a in forbidden_in(np.array([[4, 2, 0]]), END))  # no rules: nothing
 
 
+def test_forbidden_words_on_a_sharded_batch_match_one_shard():
+    from rnncap.inference.decoding import Rules, forbidden_in
+    from rnncap.models import model as M
+
+    feats, caps = small_batch(N=160)
+    if len(M._shards(160, np)) < 2:
+        pytest.skip("no batch sharding here (threadpoolctl missing or one BLAS thread)")
+    m = small_model("lstm")
+    w = np.random.default_rng(2).standard_normal(caps[:, 1:].shape) * (caps[:, 1:] != NULL)
+    n, t, v = forbidden_in(caps[:, 1:], END, rules=Rules(bad_endings=(5,), no_repeat=True, block_trigrams=True))
+    own = caps[n, t + 1] == v  # these random captions break the rules now and then
+    with pytest.raises(ValueError, match="own target"):
+        m.loss(feats, caps, token_weights=w, forbidden=(n, t, v))
+    forbidden = (n[~own], t[~own], v[~own])
+    assert len(forbidden[0]) > 100 and forbidden[0].max() >= 80  # entries in the second shard
+    loss, grads = m.loss(feats, caps, token_weights=w, forbidden=forbidden)
+    old = M._MIN_SHARD_ROWS
+    try:
+        M._MIN_SHARD_ROWS = 10 ** 9  # one shard
+        loss1, grads1 = m.loss(feats, caps, token_weights=w, forbidden=forbidden)
+    finally:
+        M._MIN_SHARD_ROWS = old
+    plain, _ = m.loss(feats, caps, token_weights=w)
+    assert loss == pytest.approx(loss1, rel=1e-10) and abs(loss - plain) > 1e-3
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-8, atol=1e-12)
+
+
 def test_forbidden_in_is_what_each_step_of_the_decoder_forbade():
     """For captions drawn under rules: at each step before <END>, the forbidden words
     are exactly the -inf entries ``allowed`` makes for that history; none after <END>;

@@ -147,7 +147,7 @@ class CaptioningModel:
             masks = self._draw_masks(N, T, self.dropout if train else 0.0)
         else:
             masks = self._check_masks(masks, (N, T))
-        forbidden = _check_forbidden(forbidden, N, T)
+        forbidden = _check_forbidden(forbidden, N, T, captions)
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
                                       [m if m is None else m[s] for m in masks], N,
@@ -436,8 +436,10 @@ _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
 _parallel_state = threading.local()  # .inside: this thread is running a shard
 
 
-def _check_forbidden(forbidden, N, T):
-    """``loss``'s ``forbidden`` as three host int64 arrays (n, t, w), checked; or None."""
+def _check_forbidden(forbidden, N, T, captions):
+    """``loss``'s ``forbidden`` as three host int64 arrays (n, t, w), checked against
+    the (N, T+1) captions (no target may be forbidden: its probability would be 0); or
+    None."""
     if forbidden is None:
         return None
     n, t, w = (np.asarray(a, dtype=np.int64).reshape(-1) for a in forbidden)
@@ -446,6 +448,8 @@ def _check_forbidden(forbidden, N, T):
                          f"{len(n)}, {len(t)}, {len(w)}")
     if len(n) and (n.min() < 0 or n.max() >= N or t.min() < 0 or t.max() >= T):
         raise ValueError(f"forbidden positions must lie in the (N, T) = {(N, T)} targets")
+    if len(n) and (to_numpy(captions)[n, t + 1] == w).any():
+        raise ValueError("forbidden includes a caption's own target word")
     return n, t, w
 
 
