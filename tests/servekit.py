@@ -82,13 +82,14 @@ def cli_captions(checkpoint, photos, *extra):
 
 
 @contextlib.contextmanager
-def running_server(checkpoint, *extra, timeout=120):
-    """``rnncap serve --checkpoint CKPT --port 0 ...`` in a subprocess; yields
-    (process, base URL, stdout lines, stderr lines), the lines growing as the server
-    prints. Stopped with SIGINT (Ctrl-C) at the end; the caller may stop it first."""
+def running_server(checkpoint, *extra, timeout=120, env=None):
+    """``rnncap serve --checkpoint CKPT --port 0 ...`` in a subprocess (``env``: more
+    environment variables); yields (process, base URL, stdout lines, stderr lines), the
+    lines growing as the server prints. Stopped with SIGINT (Ctrl-C) at the end; the
+    caller may stop it first."""
     cmd = [sys.executable, "-m", "rnncap.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines, url = [], None
     errs = []
     readers = [threading.Thread(target=lambda: errs.extend(proc.stderr), daemon=True)]

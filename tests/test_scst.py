@@ -180,6 +180,166 @@ def test_scst_gradient_is_the_policy_gradient(cell, dropout):
     check_gradients(surrogate, m.params, grads)
 
 
+# ---- the rules inside the policy gradient ------------------------------------------------
+
+RULES = dict(bad_endings=(5, 6), no_repeat=True, block_trigrams=True)
+
+
+def transformer_model():
+    """The Transformer of its own tests (spatial memory), moved off its initialisation."""
+    from test_transformer_model import LOC, small_transformer
+
+    return small_transformer(L=LOC, dropout=0.0)
+
+
+def kind_and_features(kind, N=3):
+    if kind == "attention":
+        return attention_model(), np.random.default_rng(4).standard_normal((N, 4, 6))
+    if kind == "transformer":
+        m = transformer_model()
+        return m, np.random.default_rng(4).standard_normal((N, m.locations, m.input_dim))
+    return small_model(kind), small_batch(N=N)[0]
+
+
+def ruled_log_prob(model, features, ids, rules):
+    """(N,) log-probability of each decoded caption under the distribution a decoder
+    with ``rules`` draws from: at every step the softmax over the allowed words only.
+    Step by step through ``init_state``/``step`` and ``allowed`` (not the loss)."""
+    from rnncap.inference.decoding import allowed
+
+    state = model.init_state(features)
+    words = np.full(len(ids), model.start_id)
+    total = np.zeros(len(ids))
+    live = np.ones(len(ids), dtype=bool)
+    for t in range(ids.shape[1]):
+        scores, state = model.step(words, state)
+        scores = allowed(np.asarray(scores, np.float64), ids[:, :t], model.end_id, (), rules)
+        logp = scores - scores.max(axis=1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+        total += np.where(live, logp[np.arange(len(ids)), ids[:, t]], 0.0)
+        live &= ids[:, t] != model.end_id
+        words = ids[:, t]
+    return total
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "attention", "transformer"])
+def test_forbidden_words_leave_the_loss_softmax(kind):
+    """``loss(forbidden=forbidden_in(...))`` is -sum w log q with q the renormalised
+    distribution over the allowed words, for every kind of model: against the
+    step-by-step log-probabilities, and its gradients against centred differences."""
+    from rnncap.inference.decoding import Rules, forbidden_in, sample_decode
+
+    m, feats = kind_and_features(kind, N=6)
+    m = m.likelihood_only()  # the attention penalty is a term of the model's own
+    rules = Rules(**RULES)
+    ids = sample_decode(m, feats, max_length=6, rng=np.random.default_rng(3), rules=rules)
+    forbidden = forbidden_in(ids, m.end_id, rules=rules)
+    assert len(forbidden[0]) > 10  # the rules did forbid words in these captions
+    lengths = np.where((ids == END).any(axis=1), (ids == END).argmax(axis=1) + 1, ids.shape[1])
+    w = (np.arange(6)[None, :] < lengths[:, None]) * np.linspace(-1.0, 2.0, len(ids))[:, None]
+    caps = np.concatenate([np.full((len(ids), 1), START), ids], axis=1)
+    loss, grads = m.loss(feats, caps, train=False, token_weights=w, forbidden=forbidden)
+    per_caption = w[:, 0]
+    want = -(per_caption * ruled_log_prob(m, feats, ids, rules)).sum() / len(ids)
+    plain, _ = m.loss(feats, caps, train=False, token_weights=w)
+    assert loss == pytest.approx(want, rel=1e-10)
+    assert abs(plain - want) > 1e-3  # without them the loss is another one
+    check_gradients(lambda: m.loss(feats, caps, train=False, token_weights=w, forbidden=forbidden)[0],
+                    m.params, grads)
+
+
+def test_forbidding_every_other_word_leaves_nothing_to_learn():
+    from rnncap.inference.decoding import forbidden_in
+
+    m = small_model("lstm")
+    feats, caps = small_batch(N=4)
+    out = caps[:, 1:]
+    n, t = np.nonzero(out != NULL)
+    others = [(a, b, v) for a, b in zip(n, t) for v in range(11) if v != out[a, b]]
+    forbidden = tuple(np.array(x) for x in zip(*others))
+    loss, grads = m.loss(feats, caps, forbidden=forbidden)
+    assert loss == pytest.approx(0.0, abs=1e-12)
+    assert all(np.abs(g).max() < 1e-12 for g in grads.values())
+    with pytest.raises(ValueError, match="forbidden"):
+        m.loss(feats, caps, forbidden=(np.array([9]), np.array([0]), np.array([4])))
+    assert all(len(a) == 0 for a in forbidden_in(np.array([[4, 2, 0]]), END))  # no rules: nothing
+
+
+def test_forbidden_words_on_a_sharded_batch_match_one_shard():
+    from rnncap.inference.decoding import Rules, forbidden_in
+    from rnncap.models import model as M
+
+    feats, caps = small_batch(N=160)
+    if len(M._shards(160, np)) < 2:
+        pytest.skip("no batch sharding here (threadpoolctl missing or one BLAS thread)")
+    m = small_model("lstm")
+    w = np.random.default_rng(2).standard_normal(caps[:, 1:].shape) * (caps[:, 1:] != NULL)
+    n, t, v = forbidden_in(caps[:, 1:], END, rules=Rules(bad_endings=(5,), no_repeat=True, block_trigrams=True))
+    own = caps[n, t + 1] == v  # these random captions break the rules now and then
+    with pytest.raises(ValueError, match="own target"):
+        m.loss(feats, caps, token_weights=w, forbidden=(n, t, v))
+    forbidden = (n[~own], t[~own], v[~own])
+    assert len(forbidden[0]) > 100 and forbidden[0].max() >= 80  # entries in the second shard
+    loss, grads = m.loss(feats, caps, token_weights=w, forbidden=forbidden)
+    old = M._MIN_SHARD_ROWS
+    try:
+        M._MIN_SHARD_ROWS = 10 ** 9  # one shard
+        loss1, grads1 = m.loss(feats, caps, token_weights=w, forbidden=forbidden)
+    finally:
+        M._MIN_SHARD_ROWS = old
+    plain, _ = m.loss(feats, caps, token_weights=w)
+    assert loss == pytest.approx(loss1, rel=1e-10) and abs(loss - plain) > 1e-3
+    for k in grads:
+        np.testing.assert_allclose(grads[k], grads1[k], rtol=1e-8, atol=1e-12)
+
+
+def test_forbidden_in_is_what_each_step_of_the_decoder_forbade():
+    """For captions drawn under rules: at each step before <END>, the forbidden words
+    are exactly the -inf entries ``allowed`` makes for that history; none after <END>;
+    and the drawn word was never one of them."""
+    from rnncap.inference.decoding import Rules, allowed, forbidden_in, sample_decode
+
+    m = small_model("lstm")
+    feats, _ = small_batch(N=8)
+    rules = Rules(**RULES)
+    ids = sample_decode(m, feats, max_length=6, rng=np.random.default_rng(9), rules=rules, banned=(0, 1, 3))
+    n, t, w = forbidden_in(ids, END, banned=(0, 1, 3), rules=rules)
+    for step in range(ids.shape[1]):
+        mask = np.isneginf(allowed(np.zeros((len(ids), 11)), ids[:, :step], END, (0, 1, 3), rules))
+        before_end = ~(ids[:, :step] == END).any(axis=1)
+        want = {(a, b) for a, b in zip(*np.nonzero(mask)) if before_end[a]}
+        got = {(a, b) for a, s_, b in zip(n, t, w) if s_ == step}
+        assert got == want
+        assert not mask[np.arange(len(ids)), ids[:, step]][before_end].any()
+
+
+def test_ruled_scst_gradient_is_the_policy_gradient_of_what_it_draws():
+    """With rules, grads of the objective = d/dparams of -mean (r - b) log q(sample),
+    q the renormalised distribution the sampler drew from (centred differences)."""
+    from rnncap.inference.decoding import Rules
+
+    m = small_model("lstm")
+    feats, _ = small_batch(N=3)
+    scorer, _ = tiny_scorer(tiny_vocab(), 3)
+    rules = Rules(**RULES)
+    obj = objective_for(m, scorer, samples=4, rules=rules)
+    images = np.array([2, 0, 1])
+    state = obj.rng.bit_generator.state
+    loss, grads = obj.loss(feats, images)
+    ids, _ = redraw(obj, feats, state)
+    rewards = scorer.score(obj.tokens(ids, obj.lengths(ids)), np.repeat(images, 4)).reshape(3, 4)
+    base = np.array([[np.mean(np.delete(row, k)) for k in range(4)] for row in rewards])
+    adv = (rewards - base).reshape(-1)
+    assert np.abs(adv).max() > 0
+    rep = np.repeat(feats, 4, axis=0)
+
+    def surrogate():
+        return -(adv * ruled_log_prob(m, rep, ids, rules)).sum() / len(ids)
+
+    assert loss == pytest.approx(surrogate(), rel=1e-9)
+    check_gradients(surrogate, m.params, grads)
+
+
 def test_scst_weights_cover_the_words_up_to_end_and_nothing_after():
     """The captions handed to the model loss: <START> + the sample; weight (r - b) on
     every word up to and including <END>, 0 after it."""
@@ -190,9 +350,9 @@ def test_scst_weights_cover_the_words_up_to_end_and_nothing_after():
     seen = {}
     real_loss = m.loss
 
-    def spy(features, captions, train=True, token_weights=None):
+    def spy(features, captions, train=True, token_weights=None, **kw):
         seen.update(captions=captions, weights=token_weights, train=train)
-        return real_loss(features, captions, train=train, token_weights=token_weights)
+        return real_loss(features, captions, train=train, token_weights=token_weights, **kw)
 
     m.loss = spy
     state = obj.rng.bit_generator.state

@@ -5,6 +5,8 @@ the command's start-up and Ctrl-C.
 The real-model tests share one tiny checkpoint (conftest ``tiny_checkpoint``) and one
 server subprocess; nothing leaves 127.0.0.1.
 """
+import collections
+import contextlib
 import io
 import shutil
 import struct
@@ -139,6 +141,7 @@ def test_model_health_openapi_and_page(client):
     assert m["training_data"] == "tiny-synthetic-scenes"
     assert m["decoding_defaults"] == {"beam": 3, "n": 1, "length_norm": 0.0, "max_length": 17}
     assert m["limits"]["max_bytes"] == MB and m["limits"]["max_files"] == 3
+    assert m["limits"]["max_batch"] == 8 and m["limits"]["batch_wait_ms"] == 5
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["in_progress"] == 0
     spec = client.get("/openapi.json").json()
@@ -279,8 +282,8 @@ def test_unknown_paths_and_methods_answer_json(client):
 
 class FakeCaptioner:
     """Answers like an attention Captioner: word i of every caption looks at cell
-    (i % h, i % w) of an h x w grid. ``hold`` (a threading.Event) makes every call
-    wait for it."""
+    (i % h, i % w) of an h x w grid. ``hold`` (a threading.Event) makes every encoder
+    batch wait for it; ``calls`` counts them."""
 
     max_length = 8
     h, w = 2, 3
@@ -289,14 +292,17 @@ class FakeCaptioner:
     def __init__(self, hold=None):
         self.hold, self.calls = hold, 0
 
-    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
-                        return_attention=False):
+    def features(self, images):
         self.calls += 1
         if self.hold is not None:
             assert self.hold.wait(30)
+        assert all(im.mode == "RGB" for im in images)  # decoded photos, as Captioner gets them
+        return np.zeros((len(images), 1))
+
+    def caption_details_from_features(self, feats, beam=None, n=1, length_norm=None, max_length=None,
+                                      return_attention=False):
         out = []
-        for im in images:
-            assert im.mode == "RGB"  # a decoded photo, as Captioner gets it
+        for _ in feats:
             entries = []
             for k in range(n):
                 words = ["a", "red", "ball"] + ["again"] * k
@@ -309,6 +315,11 @@ class FakeCaptioner:
                 entries.append(e)
             out.append(entries)
         return out
+
+    def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
+                        return_attention=False):
+        return self.caption_details_from_features(self.features(images), beam, n, length_norm, max_length,
+                                                  return_attention)
 
 
 def test_attention_weights_are_passed_through_per_word(photos):
@@ -349,10 +360,11 @@ def test_a_real_attention_checkpoint_gives_the_maps_of_caption(tmp_path, photos)
     assert all(np.array(x["attention"]).shape == (len(x["words"]), 7, 7) for x in caps)
 
 
-def test_beyond_capacity_503_with_retry_after_then_serving_again(photos):
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_beyond_capacity_503_with_retry_after_then_serving_again(photos, max_batch):
     hold = threading.Event()
     fake = FakeCaptioner(hold)
-    app = create_app(fake, limits=Limits(workers=1, max_pending=2))
+    app = create_app(fake, limits=Limits(workers=1, max_pending=2, max_batch=max_batch))
     data = photos[0].read_bytes()
     with TestClient(app) as c:
         results = []
@@ -376,6 +388,154 @@ def test_beyond_capacity_503_with_retry_after_then_serving_again(photos):
         assert c.get("/api/health").json()["in_progress"] == 0
 
 
+# ---- batching: requests that arrive together are captioned together ---------------
+
+def post_together(url, uploads):
+    """POST each (files, query) of ``uploads`` from its own thread and client, all
+    released at once; the responses, in order."""
+    start = threading.Barrier(len(uploads))
+    out = [None] * len(uploads)
+
+    def send(k, files, query):
+        with httpx.Client(timeout=120) as c:
+            start.wait()
+            out[k] = c.post(url + "api/caption" + query, files=files)
+
+    threads = [threading.Thread(target=send, args=(k, *u)) for k, u in enumerate(uploads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    return out
+
+
+def one_photo(p):
+    return [("image", (p.name, p.read_bytes()))]
+
+
+# Long enough that the photos of requests sent at once always meet in one batch; a
+# full batch starts at once, so the tests do not wait for it.
+GATHER = dict(batch_wait_ms=20_000)
+
+
+def test_requests_arriving_together_share_a_batch_and_each_gets_its_own_caption(captioner, photos):
+    alone = {p.name: captioner.caption_details([str(p)])[0][0] for p in photos}
+    app = create_app(captioner, limits=Limits(max_batch=len(photos), **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [(one_photo(p), "") for p in photos])
+        stats = httpx.get(url + "api/health").json()["batches"]
+    assert [r.status_code for r in answers] == [200] * len(photos), [r.text for r in answers]
+    for p, r in zip(photos, answers):
+        [photo] = r.json()["photos"]
+        assert photo["name"] == p.name and photo["batch"] == len(photos)
+        assert photo["captions"][0]["caption"] == alone[p.name]["caption"]
+        assert photo["captions"][0]["logprob"] == pytest.approx(alone[p.name]["logprob"], rel=1e-5)
+    assert len({r.json()["photos"][0]["captions"][0]["caption"] for r in answers}) > 1  # not one caption for all
+    assert stats == {"count": 1, "photos": len(photos), "largest": len(photos), "max_batch": len(photos)}
+
+
+def test_decoding_options_of_requests_in_one_batch_are_each_honoured(captioner, photos):
+    asks = [(photos[0], "", {}), (photos[0], "?beam=1", {"beam": 1}), (photos[1], "?n=3", {"n": 3}),
+            (photos[2], "?beam=2&length_norm=1.5", {"beam": 2, "length_norm": 1.5}), (photos[1], "", {})]
+    app = create_app(captioner, limits=Limits(max_batch=len(asks), **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [(one_photo(p), query) for p, query, _ in asks])
+    for (p, query, kwargs), r in zip(asks, answers):
+        assert r.status_code == 200, r.text
+        [photo] = r.json()["photos"]
+        assert photo["batch"] == len(asks)
+        want = captioner.caption_details([str(p)], **kwargs)[0]
+        assert [c["caption"] for c in photo["captions"]] == [c["caption"] for c in want], query
+        np.testing.assert_allclose([c["logprob"] for c in photo["captions"]], [c["logprob"] for c in want],
+                                   rtol=1e-5)
+        assert r.json()["decoding"]["beam"] == kwargs.get("beam", 3)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2])
+def test_max_batch_bounds_the_batch_and_a_bigger_request_keeps_its_order(captioner, photos, expected, max_batch):
+    """--max-batch 1 captions photo by photo, as before batching; a request with more
+    photos than a batch holds is spread over several, in order."""
+    app = create_app(captioner, limits=Limits(max_batch=max_batch, **GATHER))
+    with serving_in_thread(app) as url:
+        answers = post_together(url, [([("image", (p.name, p.read_bytes())) for p in photos[:3]], ""),
+                                      (one_photo(photos[3]), "")])
+        stats = httpx.get(url + "api/health").json()["batches"]
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    got = [(x["name"], x["captions"][0]["caption"]) for r in answers for x in r.json()["photos"]]
+    assert got == [(p.name, expected[p.name]) for p in photos]
+    assert all(x["batch"] <= max_batch for r in answers for x in r.json()["photos"])
+    assert stats["largest"] == max_batch and stats["photos"] == 4 and stats["count"] == 4 // max_batch
+
+
+def test_a_photo_that_fails_to_decode_fails_only_its_own_request(captioner, photos, expected):
+    uploads = [(one_photo(photos[0]), ""), ([("image", ("cat.jpg", b"hello, this is text"))], ""),
+               ([("image", (photos[2].name, photos[2].read_bytes())), ("image", ("half.jpg", _jpeg_cut(photos)))], ""),
+               (one_photo(photos[1]), "")]
+    app = create_app(captioner, limits=Limits(max_batch=5, **GATHER))
+    with serving_in_thread(app) as url:
+        first, text, half, last = post_together(url, uploads)
+        assert text.status_code == 422 and "'cat.jpg'" in text.json()["error"]
+        assert half.status_code == 422 and "'half.jpg' (photo 2 of 2)" in half.json()["error"]
+        for p, r in ((photos[0], first), (photos[1], last)):
+            assert r.status_code == 200, r.text
+            assert r.json()["photos"][0]["captions"][0]["caption"] == expected[p.name]
+            assert r.json()["photos"][0]["batch"] == 2  # captioned together; the bad ones left out
+        # The batcher goes on: the next requests are captioned.
+        again = post_together(url, [(one_photo(p), "") for p in photos[:2]])
+        assert [r.json()["photos"][0]["captions"][0]["caption"] for r in again] == [expected[p.name]
+                                                                                     for p in photos[:2]]
+
+
+class FailsOnWidth13(FakeCaptioner):
+    """Breaks (a stand-in for a bug) on any batch holding a photo 13 pixels wide."""
+
+    def features(self, images):
+        if any(im.width == 13 for im in images):
+            raise RuntimeError("no 13")
+        return super().features(images)
+
+
+def test_an_error_in_a_batch_fails_only_the_request_that_causes_it():
+    uploads = [([("image", ("a.png", _png((20, 10))))], ""), ([("image", ("b.png", _png((13, 10))))], ""),
+               ([("image", ("c.png", _png((30, 10))))], "")]
+    app = create_app(FailsOnWidth13(), limits=Limits(max_batch=3, **GATHER))
+    with serving_in_thread(app) as url:
+        a, b, c = post_together(url, uploads)
+    assert (a.status_code, b.status_code, c.status_code) == (200, 500, 200)
+    assert "internal error" in b.json()["error"]
+    assert a.json()["photos"][0]["captions"][0]["caption"] == "a red ball"
+
+
+def test_shutting_down_fails_queued_requests_with_503_and_ends_the_workers(photos):
+    from rnncap.inference.serve import ApiError, _Batcher
+
+    hold = threading.Event()
+    fake = FakeCaptioner(hold)
+    batcher = _Batcher(fake, Limits(max_batch=1, workers=1))
+    batcher.start()
+    [worker] = batcher._threads
+    photo = [(photos[0].name, "photo", photos[0].read_bytes())]
+    running, queued = batcher.submit(photo, {}), batcher.submit(photo, {})
+    deadline = time.monotonic() + 20
+    while fake.calls < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    batcher.close()
+    error = queued.exception(timeout=5)
+    assert isinstance(error, ApiError) and error.status == 503 and "shutting down" in error.message
+    hold.set()
+    results, _, _ = running.result(timeout=20)  # the batch under way ends on its own
+    assert results[0]["captions"][0]["caption"] == "a red ball"
+    worker.join(10)
+    assert not worker.is_alive() and fake.calls == 1
+
+
+def test_a_request_of_no_photos_does_not_wait_for_ever():
+    from rnncap.inference.serve import _Batcher
+
+    results, _, _ = _Batcher(FakeCaptioner(), Limits()).submit([], {}).result(timeout=5)
+    assert results == []
+
+
 def test_cors_is_off_unless_asked(photos):
     origin = {"Origin": "http://elsewhere.test"}
     off = TestClient(create_app(FakeCaptioner()))
@@ -392,7 +552,8 @@ def test_serve_help_and_one_line_errors(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--checkpoint", "--host", "--port", "--max-upload-mb", "--cors-origin", "runs/demo/model/best.npz"):
+    for flag in ("--checkpoint", "--host", "--port", "--max-upload-mb", "--cors-origin", "--max-batch",
+                 "--batch-wait-ms", "runs/demo/model/best.npz"):
         assert flag in out
     monkeypatch.chdir(tmp_path)  # no runs/demo here
     assert cli.main(["serve"]) == 2
@@ -400,6 +561,14 @@ def test_serve_help_and_one_line_errors(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "rnncap demo" in err and "--checkpoint" in err
     assert cli.main(["serve", "--checkpoint", "nope.npz"]) == 2
     assert "nope.npz" in capsys.readouterr().err
+
+
+def test_the_flags_set_the_limits():
+    from rnncap.inference.serve import limits_from_args
+
+    args = cli.build_parser().parse_args(["serve", "--max-batch", "1", "--batch-wait-ms", "0", "--workers", "2"])
+    assert limits_from_args(args) == Limits(max_batch=1, batch_wait_ms=0.0, workers=2)
+    assert limits_from_args(cli.build_parser().parse_args(["serve"])) == Limits()
 
 
 def test_a_busy_port_is_a_one_line_error(tiny_checkpoint, capsys):
@@ -436,6 +605,8 @@ def test_load_no_errors_and_the_same_captions(server, photos):
     assert all(r["captions"] == [single[r["payload"]]] for r in records)
     assert all(r["retry_after_ok"] for r in records)
     assert proc.poll() is None
+    # Eight clients at once: photos of different requests were captioned together.
+    assert httpx.get(url + "api/health").json()["batches"]["largest"] > 1
 
 
 def test_real_server_counts_the_body_it_reads(server, photos):
@@ -449,22 +620,156 @@ def test_real_server_counts_the_body_it_reads(server, photos):
     assert r.status_code == 200
 
 
+def urllib_post(url, body, headers=None):
+    """POST with Python's urllib, which sends its whole body before reading the answer
+    (and asks for Connection: close): (status, headers, parsed JSON body)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=xyz", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers, json.loads(e.read())
+
+
+@pytest.mark.parametrize("how, size", [("Content-Length", 12 * MB), ("chunked", 30 * MB)])
+def test_urllib_reads_the_413_of_an_oversized_upload(server, photos, expected, how, size):
+    """The server reads and drops the rest of an oversized body (up to 4x the limit)
+    before answering, so a client that sends everything first reads the 413 JSON
+    instead of a reset connection. (Chunked, the server reads 10 MB before it knows:
+    the rest must outgrow the sockets' buffers for the test to mean anything.)"""
+    _, url, _, _ = server
+    status, _, body = urllib_post(url + "api/caption", b"".join(_chunks(size)) if how == "Content-Length"
+                                  else _chunks(size))
+    assert status == 413 and "10 MB" in body["error"], body
+    status, _, body = urllib_post(url + "api/caption", _multipart(photos[0]))
+    assert status == 200 and body["photos"][0]["captions"][0]["caption"] == expected[photos[0].name]
+
+
+def _multipart(photo):
+    return (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="' + photo.name.encode()
+            + b'"\r\n\r\n' + photo.read_bytes() + b"\r\n--xyz--\r\n")
+
+
+def test_a_body_beyond_the_drain_bound_ends_its_connection(server, photos):
+    """Past 4x the limit (40 MB here) the server stops reading: the connection ends,
+    and the server goes on serving."""
+    import socket
+
+    _, url, _, _ = server
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    endless, sent, chunk = 200 * MB, 0, b"\0" * (256 * 1024)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(b"POST /api/caption HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                  b"Content-Type: multipart/form-data; boundary=xyz\r\n\r\n")
+        frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+        with contextlib.suppress(ConnectionError):
+            while sent < endless:
+                s.sendall(frame)
+                sent += len(chunk)
+        assert sent < endless  # the server closed the connection long before
+        with contextlib.suppress(ConnectionError):
+            rest = s.recv(1 << 16)
+            while rest and s.recv(1 << 16):
+                pass
+    assert httpx.get(url + "api/health", timeout=30).json()["status"] == "ok"
+    r = httpx.post(url + "api/caption", files={"image": (photos[0].name, photos[0].read_bytes())}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_urllib_reads_the_503_of_a_busy_server(photos):
+    """The drain serves every early answer: the busy one too."""
+    hold = threading.Event()
+    app = create_app(FakeCaptioner(hold), limits=Limits(max_pending=1, max_bytes=16 * MB))
+    with serving_in_thread(app) as url:
+        held = threading.Thread(target=lambda: httpx.post(url + "api/caption", timeout=60,
+                                                          files={"image": ("a.png", photos[0].read_bytes())}))
+        held.start()
+        try:
+            deadline = time.monotonic() + 20
+            while httpx.get(url + "api/health").json()["in_progress"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            status, headers, body = urllib_post(url + "api/caption", b"".join(_chunks(12 * MB)))
+            assert status == 503 and "busy" in body["error"] and int(headers["Retry-After"]) >= 1
+        finally:
+            hold.set()
+            held.join(30)
+
+
 @pytest.mark.slow
-def test_resident_memory_does_not_grow_over_1000_requests(server, photos):
-    proc, url, _, _ = server
-    if rss_kb(proc.pid) is None:
-        pytest.skip("needs /proc to read resident memory")
-    payloads = [(p.name, p.read_bytes()) for p in photos]
-    hammer(url, payloads, 100, concurrency=8)  # warm up: caches, allocator pools
-    before = rss_kb(proc.pid)
-    samples = []
-    for _ in range(9):
-        records, _ = hammer(url, payloads, 100, concurrency=8)
-        assert {r["status"] for r in records} == {200}
-        samples.append(rss_kb(proc.pid))
+def test_resident_memory_does_not_grow_over_1000_requests(tiny_checkpoint, photos):
+    """Its own server, where glibc returns every block of 128 KB or more to the system
+    when it is freed: by default it raises that threshold to the largest block freed so
+    far and keeps such blocks in its heap, so resident memory follows the largest
+    batches seen (tens of MB up and down with batches of 1 to 8 photos) rather than
+    what is in use. The warm-up captions a batch of every size once: torch keeps what
+    it prepared for each batch size (about 13 MB in all for sizes 1 to 8, measured)."""
+    with running_server(tiny_checkpoint["checkpoint"], env={"MALLOC_MMAP_THRESHOLD_": "131072"}) as (proc, url, _, _):
+        if rss_kb(proc.pid) is None:
+            pytest.skip("needs /proc to read resident memory")
+        payloads = [(p.name, p.read_bytes()) for p in photos]
+        for size in range(1, 9):  # one request of k photos, alone: one batch of k
+            r = httpx.post(url + "api/caption", files=[("image", payloads[i % len(payloads)]) for i in range(size)],
+                           timeout=120)
+            assert {p["batch"] for p in r.json()["photos"]} == {size}
+        hammer(url, payloads, 100, concurrency=8)  # and caches, allocator pools
+        before = rss_kb(proc.pid)
+        samples = []
+        for _ in range(9):
+            records, _ = hammer(url, payloads, 100, concurrency=8)
+            assert {r["status"] for r in records} == {200}
+            samples.append(rss_kb(proc.pid))
     growth_mb = (samples[-1] - before) / 1024
     # A leak of one photo's bytes per request (>= 10 KB) would add > 9 MB here.
     assert growth_mb < 8, (before, samples)
+
+
+@pytest.mark.slow
+def test_fuzz_the_api_from_its_openapi_schema(server):
+    """schemathesis reads /openapi.json from the live server and sends requests made
+    from it, valid and invalid (query parameters of every type and range, multipart
+    bodies with zero to many files of generated bytes and tiny real PNGs), 200 at
+    most. No answer may be a 5xx; every error is JSON {"error": "..."} and
+    documented in the schema (schemathesis' checks: status codes, content types,
+    headers, response schemas, invalid data refused). Left out: its check that
+    every schema-valid request is accepted, since whether bytes are a usable photo is
+    decided by decoding them, which no schema can say."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.checks import positive_data_acceptance
+
+    proc, url, _, _ = server
+    schema = schemathesis.openapi.from_url(url + "openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {(op.method.upper(), op.path) for op in operations} >= {("POST", "/api/caption"), ("GET", "/api/model")}
+    cases = st.one_of([op.as_strategy(generation_mode=mode) for op in operations
+                       for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+    seen = collections.Counter()
+
+    @given(case=cases)
+    @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        r = case.call(base_url=url.rstrip("/"), timeout=60)
+        seen[r.status_code] += 1
+        assert r.status_code < 500, (r.status_code, r.text, case.as_curl_command())
+        if r.status_code >= 400:
+            [content_type] = r.headers["content-type"]  # schemathesis keeps each header's values in a list
+            assert content_type.startswith("application/json"), case.as_curl_command()
+            assert isinstance(r.json()["error"], str) and "\n" not in r.json()["error"]
+        case.validate_response(r, excluded_checks=[positive_data_acceptance])
+
+    t = time.monotonic()
+    fuzz()
+    assert time.monotonic() - t < 120  # about 10 s on a busy 2-core machine
+    assert seen[200] > 0 and sum(n for code, n in seen.items() if 400 <= code < 500) > 0, seen
+    assert proc.poll() is None
 
 
 def _browser():

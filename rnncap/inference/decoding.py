@@ -78,6 +78,28 @@ def allowed(scores, history, end_id, banned=(), rules=None, xp=np):
     return scores
 
 
+def forbidden_in(ids, end_id, banned=(), rules=None):
+    """What ``allowed`` forbade at every step of decoded captions: (n, t, w) host int64
+    arrays, word w was not allowed as word t of caption n. ids: (N, T) host ids as the
+    decoders lay them out (the words after <START>); steps after a caption's <END> are
+    left out. Self-critical training passes these to the model's loss, so its gradient
+    is that of the distribution the captions were drawn from."""
+    ids = np.asarray(ids)
+    N, T = ids.shape
+    ended = np.cumsum(ids == end_id, axis=1) - (ids == end_id)  # <END>s before step t
+    banned = np.asarray(list(banned), dtype=np.int64)
+    n, t, w = [], [], []
+    for step in range(T):
+        live = np.flatnonzero(ended[:, step] == 0)
+        rows, cols = _forbidden(ids[live, :step], end_id, rules or NO_RULES)
+        rows = np.concatenate([live[rows], np.repeat(live, len(banned))])
+        cols = np.concatenate([cols, np.tile(banned, len(live))])
+        n.append(rows)
+        t.append(np.full(len(rows), step, dtype=np.int64))
+        w.append(cols)
+    return tuple(np.concatenate(a).astype(np.int64) for a in (n, t, w))
+
+
 def _forbidden(history, end_id, rules):
     """(rows, words): host index arrays of the (row, next word) pairs the rules forbid."""
     N, t = history.shape

@@ -194,12 +194,20 @@ class Captioner:
         ``n`` best finished hypotheses. n cannot exceed the beam (a beam of width k
         holds k captions). ``logprob`` is the model's over the whole vocabulary.
         """
+        return self.caption_details_from_features(self.features(images), beam=beam, n=n,
+                                                  length_norm=length_norm, max_length=max_length,
+                                                  return_attention=return_attention)
+
+    def caption_details_from_features(self, feats, beam=None, n=1, length_norm=None, max_length=None,
+                                      return_attention=False):
+        """``caption_details`` for rows of ``features()`` already computed: a server
+        encodes the photos of several requests in one batch, then decodes each set of
+        decoding options on its own rows."""
         from .decoding import sequence_log_prob
 
         beam, length_norm = self.decoding(beam, length_norm)
         if not 1 <= n <= max(beam, 1):
             raise ValueError(f"n must be between 1 and the beam size ({beam}), got {n}")
-        feats = self.features(images)
         best = self._decode(feats, beam, n, length_norm, max_length, return_attention)
         if beam <= 1:
             lps = sequence_log_prob(self.model, feats, [hyps[0][0] for hyps in best])

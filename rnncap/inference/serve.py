@@ -10,17 +10,23 @@ a checkpoint, and the command.
 Choices worth knowing:
 
 - Every photo goes through ``Captioner`` exactly as in ``rnncap caption``:
-  ``load_image`` on the uploaded bytes, then ``Captioner.caption_details``, whose top
-  caption is ``Captioner.caption``'s. The same photo gets the same caption both ways.
+  ``load_image`` on the uploaded bytes, then ``Captioner.features`` and
+  ``Captioner.caption_details_from_features`` (``caption_details``), whose top caption
+  is ``Captioner.caption``'s. The same photo gets the same caption both ways.
 - What a photo is gets decided by its bytes (Pillow, through ``load_image``), never by
   its file name or MIME type. A request succeeds or fails whole: one unusable photo
   gives a 4xx JSON error ``{"error": "..."}`` that names it.
 - The size limit is enforced while the body is read, whatever Content-Length says
   (a declared length over the limit is refused before reading, as a courtesy).
+- Requests that arrive together are captioned together (``_Batcher``): up to
+  ``max_batch`` photos, from any requests, make one encoder batch and one decoding
+  batch per set of decoding options, after a wait of at most ``batch_wait_ms`` for
+  more. ``max_batch`` 1 captions photo by photo, as before batching. Each photo gets
+  the caption it gets alone.
 - Work is bounded: at most ``max_pending`` requests are admitted at once (reading,
   waiting or captioning), and ``workers`` threads caption. A request beyond that gets
   503 with Retry-After at once; nothing queues without bound. The admission is
-  released when the captioning job itself ends, so a client that hangs up cannot
+  released when the request's captioning ends, so a client that hangs up cannot
   leave orphaned jobs piling up behind the bound.
 - One worker by default: the encoder (torch) and the decoder (NumPy) each use every
   core already, and the model's BLAS limit is process-wide (rnncap.models.model).
@@ -32,6 +38,7 @@ Choices worth knowing:
   the origins that may call the API.
 """
 import asyncio
+import collections
 import contextlib
 import inspect
 import math
@@ -40,7 +47,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +57,9 @@ from ..data.images import DEFAULT_MAX_PIXELS
 # Where `rnncap demo` (default --out runs/demo) keeps its best model.
 DEMO_CHECKPOINT = os.path.join("runs", "demo", "model", "best.npz")
 MB = 1024 * 1024
+# An early answer (413, 503, ...) waits until the client has sent its body, up to this
+# many times the upload limit and this long, so that every client can read it.
+DRAIN_FACTOR, DRAIN_SECONDS = 4, 30.0
 STATIC = Path(__file__).resolve().parent / "static"
 
 # The page may load and call only this server; images are shown from blob: URLs.
@@ -71,6 +81,8 @@ class Limits:
     max_beam: int = 10                  # beam (and n) a request may ask for
     workers: int = 1                    # threads that caption at the same time
     max_pending: int = 16               # requests admitted at once, workers included
+    max_batch: int = 8                  # photos captioned together (one encoder batch)
+    batch_wait_ms: float = 5.0          # how long a batch waits for more photos after its first
 
 
 class ApiError(Exception):
@@ -120,20 +132,22 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
     defaults = decoding_defaults(captioner)
     wants_attention = bool(getattr(captioner, "attends", False))  # Captioner.attends: attention models
     gate = _Gate(limits.max_pending)
-    pool = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="rnncap-caption")
+    batcher = _Batcher(captioner, limits)
     seconds_per_job = [1.0]  # a running mean, for Retry-After
     index_html = (STATIC / "index.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        batcher.start()
         yield
-        pool.shutdown(wait=False, cancel_futures=True)  # a running job ends on its own
+        batcher.close()  # queued requests get 503; a batch being captioned ends on its own
 
     app = FastAPI(title="rnncap", version=_version(), docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", lifespan=lifespan,
                   description="Caption photos with a recurrent captioner. POST photos as multipart "
                               "field `image` to /api/caption. Errors are JSON: {\"error\": \"...\"}.")
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_DrainBody, bound=DRAIN_FACTOR * limits.max_bytes)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -171,14 +185,15 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
     @app.get("/api/health", summary="Liveness and load")
     async def health():
         return {"status": "ok", "in_progress": gate.count, "capacity": gate.capacity,
-                "workers": limits.workers}
+                "workers": limits.workers, "batches": batcher.stats()}
 
     @app.get("/api/model", summary="What the checkpoint is")
     async def model():
         return {**(info or {}), "attention": wants_attention, "decoding_defaults": defaults,
                 "limits": asdict(limits)}
 
-    @app.post("/api/caption", summary="Caption one or several photos", openapi_extra=_UPLOAD_SCHEMA)
+    @app.post("/api/caption", summary="Caption one or several photos", openapi_extra=_upload_schema(limits),
+              responses=_ERROR_RESPONSES)
     async def caption(
         request: Request,
         beam: int | None = Query(None, ge=1, le=limits.max_beam,
@@ -196,14 +211,14 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
             raise ApiError(422, f"query parameter n: at most the beam size ({width}) captions, "
                                 f"got n={kwargs['n']}; raise beam too")
         if not gate.enter():
-            wait = max(1, math.ceil(seconds_per_job[0] * gate.capacity / limits.workers))
+            wait = max(1, math.ceil(seconds_per_job[0] * gate.capacity / (limits.workers * limits.max_batch)))
             raise ApiError(503, f"busy: {gate.capacity} requests are in progress; retry in {wait} s",
                            {"Retry-After": str(wait)})
         submitted = False
         try:
             t0 = time.perf_counter()
             photos = await _read_photos(request, limits)
-            job = pool.submit(_caption_photos, captioner, photos, kwargs, limits.max_pixels)
+            job = batcher.submit(photos, kwargs)
             submitted = True
             job.add_done_callback(lambda _: gate.leave())
             results, started, ended = await asyncio.wrap_future(job)
@@ -220,11 +235,28 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
     return app
 
 
-# The request body of POST /api/caption, for /openapi.json (the body is read by hand).
-_UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["image"],
-    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                             "description": "one or several photos (JPEG, PNG, ...)"}}}}}}}
+def _upload_schema(limits):
+    """The request body of POST /api/caption, for /openapi.json (the body is read by hand)."""
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image"],
+        "properties": {"image": {"type": "array", "minItems": 1, "maxItems": limits.max_files,
+                                 "items": {"type": "string", "format": "binary"},
+                                 "description": "one or several photos (JPEG, PNG, ...)"}}}}}}}
+
+
+# What /openapi.json says of the errors of POST /api/caption: each is {"error": "..."}.
+_ERROR_BODY = {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                               "properties": {"error": {"type": "string"}}}}}
+_ERROR_RESPONSES = {
+    400: {"description": "no field `image`, text instead of files, too many files, a malformed body",
+          "content": _ERROR_BODY},
+    413: {"description": "the body is over the upload limit", "content": _ERROR_BODY},
+    415: {"description": "the body is not multipart/form-data", "content": _ERROR_BODY},
+    422: {"description": "a file that is not a usable image, or a query parameter out of range",
+          "content": _ERROR_BODY},
+    503: {"description": "busy: try again after Retry-After seconds", "content": _ERROR_BODY,
+          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+}
 
 
 class _SecurityHeaders:
@@ -243,6 +275,50 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class _DrainBody:
+    """Plain ASGI middleware: before answering a request whose body is not read to its
+    end (a 413, a 503, any early error), read and drop the rest of it, up to ``bound``
+    bytes in all and DRAIN_SECONDS. A client that sends its whole body before reading
+    (Python's urllib, which also asks for ``Connection: close``) would otherwise see
+    the connection reset under it instead of the answer. A body beyond the bound is
+    not read on: its answer goes out with ``Connection: close`` and the connection
+    ends."""
+
+    def __init__(self, app, bound):
+        self.app, self.bound = app, bound
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body = {"read": 0, "ended": False}
+
+        async def counting_receive():
+            message = await receive()
+            body["read"] += len(message.get("body", b""))
+            body["ended"] |= message["type"] == "http.disconnect" or not message.get("more_body", False)
+            return message
+
+        async def drain():
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.bound:
+                return False
+            while not body["ended"] and body["read"] <= self.bound:
+                await counting_receive()
+            return body["read"] <= self.bound
+
+        async def send_after_drain(message):
+            if message["type"] == "http.response.start" and not body["ended"]:
+                try:
+                    drained = await asyncio.wait_for(drain(), DRAIN_SECONDS)
+                except asyncio.TimeoutError:
+                    drained = False
+                if not drained:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counting_receive, send_after_drain)
 
 
 async def _read_photos(request, limits):
@@ -297,23 +373,196 @@ async def _read_photos(request, limits):
         await form.close()
 
 
-def _caption_photos(captioner, photos, kwargs, max_pixels):
-    """In a worker thread: decode and caption each photo in turn (so at most one
-    full-size decoded photo is held at a time). Returns (results, start, end)."""
-    from ..data.images import load_image
+class _Job:
+    """One request's photos on their way through the batcher: bytes until a batch
+    decodes them, then their results; the future ends when the last one is captioned
+    or the first one fails. Its photos may be in batches of several workers, hence
+    the lock."""
 
-    started = time.perf_counter()
-    results = []
-    for name, label, data in photos:
+    def __init__(self, photos, kwargs):
+        self.photos, self.kwargs = list(photos), kwargs
+        self.options = tuple(sorted(kwargs.items()))  # requests with equal options decode together
+        self.results, self.left = [None] * len(self.photos), len(self.photos)
+        self.future, self.started, self._lock = Future(), None, threading.Lock()
+
+    def take(self):
+        """A batch takes one of its photos: False for a request that failed already or
+        that its client gave up before any batch took it (nothing to do for it)."""
+        with self._lock:
+            if self.started is None:
+                self.started = time.perf_counter()
+                if not self.future.set_running_or_notify_cancel():
+                    return False
+            return not self.future.done()
+
+    def fail(self, exc):
+        with self._lock, contextlib.suppress(InvalidStateError):  # cancelled meanwhile
+            if not self.future.done():
+                self.future.set_exception(exc)
+
+    def finish(self, i, result):
+        with self._lock:
+            self.results[i], self.photos[i] = result, None
+            self.left -= 1
+            if self.left == 0 and not self.future.done():
+                self.future.set_result((self.results, self.started, time.perf_counter()))
+
+
+class _Batcher:
+    """The captioning queue. A request adds its photos (still bytes) and awaits a
+    future; ``limits.workers`` threads each take up to ``max_batch`` queued photos,
+    from any requests, and caption them together: one encoder batch, then one decoding
+    batch per set of decoding options (requests asking for different beams must not
+    share a beam search). A batch waits at most ``batch_wait_ms`` after its first photo
+    for more to come, and not at all once it is full; under load, photos queue while a
+    batch is captioned and the next one takes them at once.
+
+    Photos are decoded (``load_image``) by the batch, not by the request, so at most
+    ``max_batch`` decoded photos per worker exist at a time, however many requests
+    wait: a 10 MB JPEG can decode to hundreds of MB. A photo that fails to decode fails
+    its own request only; an error in captioning a batch is retried request by request,
+    so that it fails only the request that causes it.
+    """
+
+    def __init__(self, captioner, limits):
+        self.captioner, self.limits = captioner, limits
+        self._cond = threading.Condition()   # guards the queue, the threads and the stats
+        self._collecting = threading.Lock()  # one worker gathers a batch at a time
+        self._queue = collections.deque()    # (job, photo index)
+        self._threads, self._stop = [], threading.Event()
+        self._stats = {"count": 0, "photos": 0, "largest": 0}
+
+    def stats(self):
+        """Batches captioned since start, their photos, the largest batch."""
+        with self._cond:
+            return {**self._stats, "max_batch": self.limits.max_batch}
+
+    def start(self):
+        with self._cond:
+            if self._threads:
+                return
+            self._stop = stop = threading.Event()  # a new one: threads of an earlier start keep theirs
+            self._threads = [threading.Thread(target=self._work, args=(stop,), daemon=True,
+                                              name=f"rnncap-caption-{i}") for i in range(self.limits.workers)]
+            for t in self._threads:
+                t.start()
+
+    def close(self):
+        """Stop the workers after the batch they are on; fail what is still queued."""
+        with self._cond:
+            self._stop.set()
+            self._threads = []
+            queued = [job for job, _ in self._queue]
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in queued:
+            job.fail(ApiError(503, "the server is shutting down; retry later", {"Retry-After": "5"}))
+
+    def submit(self, photos, kwargs):
+        """Queue a request's photos [(name, label, bytes)]; a concurrent Future of
+        (results, start, end), or of the request's DataError."""
+        job = _Job(photos, kwargs)
+        if not job.photos:  # nothing to wait for (the app never sends none)
+            job.take()
+            job.future.set_result(([], job.started, job.started))
+            return job.future
+        with self._cond:
+            self.start()  # started by the app's lifespan; here too for an app used without it
+            self._queue.extend((job, i) for i in range(len(job.photos)))
+            self._cond.notify()
+        return job.future
+
+    def _work(self, stop):
+        while True:
+            with self._collecting:
+                batch = self._gather(stop)
+            if batch is None:
+                return
+            self._caption(batch)
+
+    def _gather(self, stop):
+        """Up to max_batch queued photos, or None once stopped."""
+        limit, wait = self.limits.max_batch, self.limits.batch_wait_ms / 1000.0
+        with self._cond:
+            while True:
+                while not self._queue and not stop.is_set():
+                    self._cond.wait()
+                if stop.is_set():
+                    return None
+                deadline = time.monotonic() + wait
+                while len(self._queue) < limit and not stop.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if stop.is_set():
+                    return None
+                batch = []
+                while self._queue and len(batch) < limit:
+                    job, i = self._queue.popleft()
+                    if job.take():
+                        batch.append((job, i))
+                if batch:
+                    return batch
+
+    def _caption(self, batch):
+        """Decode the batch's photos, then caption those that decoded."""
+        from ..data.images import load_image
+
+        decoded = []
+        for job, i in batch:
+            if job.future.done():  # an earlier photo of the request failed
+                continue
+            name, label, data = job.photos[i]
+            t = time.perf_counter()
+            try:
+                image = load_image(data, max_pixels=self.limits.max_pixels, name=label)
+            except DataError as e:  # the request fails whole, naming its first bad photo
+                job.fail(e)
+                continue
+            decoded.append((job, i, image, _ms(time.perf_counter() - t)))
+        decoded = [d for d in decoded if not d[0].future.done()]
+        if not decoded:
+            return
+        jobs = list({id(d[0]): d[0] for d in decoded}.values())
+        try:
+            self._caption_decoded(decoded)
+        except Exception as e:
+            if len(jobs) == 1:
+                jobs[0].fail(e)
+                return
+            for job in jobs:  # find the request at fault: each alone
+                try:
+                    self._caption_decoded([d for d in decoded if d[0] is job])
+                except Exception as alone:
+                    job.fail(alone)
+
+    def _caption_decoded(self, decoded):
+        """One encoder batch for [(job, index, image, decode ms)], one decoding batch
+        per set of options; each photo's result handed to its job."""
         t = time.perf_counter()
-        image = load_image(data, max_pixels=max_pixels, name=label)
-        t_decode = time.perf_counter()
-        captions = captioner.caption_details([image], **kwargs)[0]
-        results.append({"name": name, "width": image.width, "height": image.height,
-                        "captions": [_caption_entry(c) for c in captions],
-                        "ms": {"decode": _ms(t_decode - t), "caption": _ms(time.perf_counter() - t_decode)}})
-        del image
-    return results, started, time.perf_counter()
+        feats = self.captioner.features([image for _, _, image, _ in decoded])
+        encode_s = time.perf_counter() - t
+        groups = {}
+        for row, (job, *_) in enumerate(decoded):
+            groups.setdefault(job.options, []).append(row)
+        done = []
+        for rows in groups.values():
+            t = time.perf_counter()
+            part = feats if len(rows) == len(decoded) else feats[rows]
+            captions = self.captioner.caption_details_from_features(part, **decoded[rows[0]][0].kwargs)
+            caption_ms = _ms(encode_s + time.perf_counter() - t)
+            for row, caps in zip(rows, captions):
+                job, i, image, decode_ms = decoded[row]
+                done.append((job, i, {"name": job.photos[i][0], "width": image.width, "height": image.height,
+                                      "captions": [_caption_entry(c) for c in caps], "batch": len(decoded),
+                                      "ms": {"decode": decode_ms, "caption": caption_ms}}))
+        with self._cond:
+            self._stats["count"] += 1
+            self._stats["photos"] += len(decoded)
+            self._stats["largest"] = max(self._stats["largest"], len(decoded))
+        for job, i, result in done:
+            job.finish(i, result)
 
 
 def _caption_entry(c):
@@ -407,7 +656,7 @@ def _val_metrics(ckpt):
 # ---- the command --------------------------------------------------------------------
 
 def add_arguments(p):
-    from ..cli import positive_float, positive_int
+    from ..cli import nonneg_float, positive_float, positive_int
 
     from .sample import add_checkpoint_arguments
 
@@ -428,6 +677,12 @@ def add_arguments(p):
     p.add_argument("--max-pending", type=positive_int, default=Limits.max_pending,
                    help="requests taken on at once, the captioning ones included; more get 503 "
                         "with Retry-After (default %(default)s)")
+    p.add_argument("--max-batch", type=positive_int, default=Limits.max_batch,
+                   help="most photos captioned together, from any requests: one encoder batch "
+                        "(default %(default)s; 1 = photo by photo)")
+    p.add_argument("--batch-wait-ms", type=nonneg_float, default=Limits.batch_wait_ms,
+                   help="how long a batch waits after its first photo for more to come "
+                        "(default %(default)g ms)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; "
                         "repeatable (default: CORS off)")
@@ -450,8 +705,7 @@ def run(args):
                                   f"to make one, or pass --checkpoint runs/.../best.npz")
     if args.max_pending < args.workers:
         raise RnncapError(f"--max-pending ({args.max_pending}) must be at least --workers ({args.workers})")
-    limits = Limits(max_bytes=int(args.max_upload_mb * MB), max_files=args.max_files,
-                    max_pixels=args.max_pixels, workers=args.workers, max_pending=args.max_pending)
+    limits = limits_from_args(args)
     sock = _listen(args.host, args.port)
     captioner = captioner_from_args(args, paths)
     app = create_app(captioner, info=describe_checkpoint(paths, average=captioner.decode.ensemble),
@@ -469,6 +723,13 @@ def run(args):
         sock.close()
     print("rnncap serve: stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def limits_from_args(args):
+    """The ``Limits`` that the command's flags ask for."""
+    return Limits(max_bytes=int(args.max_upload_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
+                  workers=args.workers, max_pending=args.max_pending, max_batch=args.max_batch,
+                  batch_wait_ms=args.batch_wait_ms)
 
 
 def _listen(host, port):

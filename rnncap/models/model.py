@@ -102,7 +102,7 @@ class CaptioningModel:
 
     # -- training loss ---------------------------------------------------------------
 
-    def loss(self, features, captions, train=True, token_weights=None, masks=None):
+    def loss(self, features, captions, train=True, token_weights=None, masks=None, forbidden=None):
         """Loss and gradients for a minibatch.
 
         features: (N, D) image features; captions: (N, T+1) int ids, each starting
@@ -117,6 +117,12 @@ class CaptioningModel:
         masks: None, or the dropout masks to use instead of drawing them: (mask_x
         (N, T, W), mask_h (N, T, H)), either may be None (``train`` is then ignored).
         Self-critical training passes the masks its captions were drawn with.
+
+        forbidden: None, or (n, t, w) int arrays of equal length, words w that were not
+        allowed as target t of caption n: those positions' softmax runs over the other
+        words only (w's score is -inf), so the loss and its gradient are those of the
+        renormalised distribution a rule-constrained decoder draws from. Self-critical
+        training passes the words its decoding rules forbade.
 
         On the CPU with threadpoolctl installed, NumPy's BLAS runs single-threaded
         here, and a batch large enough is split into shards (up to one per BLAS thread)
@@ -141,10 +147,12 @@ class CaptioningModel:
             masks = self._draw_masks(N, T, self.dropout if train else 0.0)
         else:
             masks = self._check_masks(masks, (N, T))
+        forbidden = _check_forbidden(forbidden, N, T, captions)
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
                                       [m if m is None else m[s] for m in masks], N,
-                                      None if token_weights is None else token_weights[s]),
+                                      None if token_weights is None else token_weights[s],
+                                      _forbidden_rows(forbidden, s)),
             N, xp, self._min_shard_rows or _MIN_SHARD_ROWS)
         loss, grads = parts[0]
         for part_loss, part_grads in parts[1:]:
@@ -163,7 +171,7 @@ class CaptioningModel:
         return (L.dropout_mask((N, T, self.wordvec_dim), p, self.rng, self.dtype, xp),
                 L.dropout_mask((N, T, self.hidden_dim), p, self.rng, self.dtype, xp))
 
-    def _loss_rows(self, features, captions, masks, batch_size, token_weights=None):
+    def _loss_rows(self, features, captions, masks, batch_size, token_weights=None, forbidden=None):
         """``loss`` for some rows of the batch: the loss is divided by the whole
         batch's ``batch_size``, so the parts of a split batch add up.
 
@@ -179,7 +187,7 @@ class CaptioningModel:
         x = x if mask_x is None else x * mask_x
         h, extra_loss, recur_backward = self._recur(features, x, mask, batch_size)
         h = h if mask_h is None else h * mask_h
-        loss, dh, grads = self._vocab_loss(h, captions_out, batch_size, token_weights)
+        loss, dh, grads = self._vocab_loss(h, captions_out, batch_size, token_weights, forbidden)
 
         # Backward through time, in reverse order of the forward pass.
         dh = L.dropout_backward(dh, mask_h)
@@ -193,10 +201,11 @@ class CaptioningModel:
         """(N, T) bool: the positions whose target reaches the loss."""
         return captions_out != self.null_id if token_weights is None else token_weights != 0
 
-    def _vocab_loss(self, h, captions_out, batch_size, token_weights=None):
+    def _vocab_loss(self, h, captions_out, batch_size, token_weights=None, forbidden=None):
         """The output layer and the loss, the same for every model: from the states
         h (N, T, H) that are scored to the loss, dh (N, T, H) and the gradients of
-        W_vocab and b_vocab (a dict). ``loss`` describes the weighting.
+        W_vocab and b_vocab (a dict). ``loss`` describes the weighting and
+        ``forbidden`` ((n, t, w) arrays for these rows, or None).
 
         Only positions with a target word reach the loss, so only those are scored:
         padding is about a quarter of a COCO batch's (N, T, V) scores. The result is
@@ -208,6 +217,13 @@ class CaptioningModel:
         N, T, H = h.shape
         keep = xp.flatnonzero(mask.reshape(-1))
         scores, c_vocab = L.affine_forward(h.reshape(N * T, H)[keep], p["W_vocab"], p["b_vocab"])
+        if forbidden is not None and len(forbidden[0]):
+            # the scored row of each forbidden (n, t); positions without a target drop out
+            row_of = xp.full(N * T, -1, dtype=np.int64)
+            row_of[keep] = xp.arange(len(keep))
+            n, t, w = (xp.asarray(a) for a in forbidden)
+            rows = row_of[n * T + t]
+            scores[rows[rows >= 0], w[rows >= 0]] = -xp.inf
         weights = (1.0 / batch_size if token_weights is None
                    else token_weights.reshape(-1)[keep] / batch_size)
         loss, dscores = L.softmax_loss(scores, captions_out.reshape(-1)[keep], weights,
@@ -418,6 +434,33 @@ _MIN_SHARD_ROWS = 64   # thinner step matmuls run at three-quarters speed or les
 _MIN_DECODE_ROWS = 16  # in_shards' default: decoding splits need no such margin
 _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
 _parallel_state = threading.local()  # .inside: this thread is running a shard
+
+
+def _check_forbidden(forbidden, N, T, captions):
+    """``loss``'s ``forbidden`` as three host int64 arrays (n, t, w), checked against
+    the (N, T+1) captions (no target may be forbidden: its probability would be 0); or
+    None."""
+    if forbidden is None:
+        return None
+    n, t, w = (np.asarray(a, dtype=np.int64).reshape(-1) for a in forbidden)
+    if not len(n) == len(t) == len(w):
+        raise ValueError(f"forbidden must be three arrays (n, t, w) of one length; got "
+                         f"{len(n)}, {len(t)}, {len(w)}")
+    if len(n) and (n.min() < 0 or n.max() >= N or t.min() < 0 or t.max() >= T):
+        raise ValueError(f"forbidden positions must lie in the (N, T) = {(N, T)} targets")
+    if len(n) and (to_numpy(captions)[n, t + 1] == w).any():
+        raise ValueError("forbidden includes a caption's own target word")
+    return n, t, w
+
+
+def _forbidden_rows(forbidden, rows):
+    """The entries of ``forbidden`` in the row slice ``rows``, renumbered from its start."""
+    if forbidden is None:
+        return None
+    n, t, w = forbidden
+    start, stop = rows.start or 0, rows.stop
+    sel = (n >= start) & (n < stop) if stop is not None else n >= start
+    return n[sel] - start, t[sel], w[sel]
 
 
 def _inside_shard():

@@ -201,10 +201,10 @@ class TransformerCaptioningModel(CaptioningModel):
 
         return x, backward
 
-    def _loss_rows(self, features, captions, masks, batch_size, token_weights=None):
+    def _loss_rows(self, features, captions, masks, batch_size, token_weights=None, forbidden=None):
         """``loss`` for some rows of the batch (see ``CaptioningModel._loss_rows``)."""
         h, backward = self._forward(features, captions[:, :-1], masks)
-        loss, dh, grads = self._vocab_loss(h, captions[:, 1:], batch_size, token_weights)
+        loss, dh, grads = self._vocab_loss(h, captions[:, 1:], batch_size, token_weights, forbidden)
         grads.update(backward(dh))
         return loss, grads
 
