@@ -68,6 +68,8 @@ class TrainConfig:
     baseline: str = "mean"           # scst: "mean" or "greedy"
     temperature: float = 1.0         # scst: the policy starts as the --init model's softmax at this temperature
     sample_dropout: float = 0.0      # scst: dropout while drawing captions (the same masks in the loss); 0 = off
+    sample_rules: bool = False       # scst: draw captions under the decoding rules (the gradient is then that
+                                     # of the renormalised distribution); off: val preferred it (docs/results.md)
 
 
 @dataclass

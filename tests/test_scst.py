@@ -618,3 +618,34 @@ def test_samples_and_greedy_baseline_follow_the_rules(baseline):
     scored = [c for candidates, _ in scorer.calls for c in candidates]  # samples (and greedy)
     assert len(scored) == 9 + (3 if baseline == "greedy" else 0)
     assert not any(defective(c) for c in scored)
+
+
+@pytest.mark.parametrize("flag", [None, "--sample-rules", "--no-sample-rules"])
+def test_the_stage_samples_under_the_rules_only_when_asked(xe_checkpoint, monkeypatch, flag):
+    """Off by default (val's choice): the objective gets no rules and the checkpoint
+    records sample_rules false; --sample-rules hands it the --init checkpoint's rules.
+    The checkpoint's decoding rules are the same either way."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.cli import main
+    from rnncap.training import scst
+
+    seen = []
+    real_init = scst.ScstObjective.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("rules"))
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(scst.ScstObjective, "__init__", spy)
+    tmp, init = xe_checkpoint
+    out = tmp / f"rules-{flag}"
+    args = ["train", "--scst", "--init", str(init), "--out", str(out), "--max-iters", "1",
+            "--batch-size", "4", "--samples", "2", "--quiet"] + ([flag] if flag else [])
+    assert main(args) == 0
+    on = flag == "--sample-rules"
+    ckpt = load_checkpoint(out / "last.npz")
+    assert ckpt.configs["train"]["sample_rules"] is on
+    assert (seen[0] is not None) is on
+    if on:
+        assert seen[0].no_repeat and len(seen[0].bad_endings) > 0
+    assert ckpt.configs["decode"]["rules"] is True

@@ -67,9 +67,10 @@ class ScstObjective:
     cross-entropy training) that the sampler applied at every step and the loss applies
     again. Either way the gradient is that of the drawn captions' own probability.
 
-    rules: the decoding rules (``rnncap.inference.decoding.Rules``) the captions are
-    drawn under: the checkpoint's own, so that training sees only captions that
-    captioning allows. Each word is drawn from the softmax renormalised over the
+    rules: None, or the decoding rules (``rnncap.inference.decoding.Rules``) the
+    captions are drawn under (``--sample-rules``: the checkpoint's own, so that training
+    sees only captions that captioning allows). Each word is drawn from the softmax
+    renormalised over the
     allowed words, and the gradient is that of the same renormalised log-probability
     (the loss's ``forbidden``), so that it is the policy gradient of what was drawn.
     rng: the sampling generator; its state is part of a checkpoint (exact resume).
@@ -260,7 +261,7 @@ def run(args, ckpt, ckpt_path, resume):
             clip_norm=args.clip, seed=args.seed, checkpoint_every=args.checkpoint_every,
             max_iters=args.max_iters, device=args.device, stage="scst", init=str(ckpt_path),
             samples=args.samples, baseline=args.baseline, average=args.average,
-            sample_dropout=args.sample_dropout,
+            sample_dropout=args.sample_dropout, sample_rules=args.sample_rules,
             select_beam=args.select_beam,
             **given_or_default(args, defaults, SimpleNamespace(**defaults)))
         decode_cfg = with_rule_arguments(dataclasses.replace(decode_cfg, **given_or_default(
@@ -306,7 +307,8 @@ def run(args, ckpt, ckpt_path, resume):
     objective = ScstObjective(model, vocab, CiderD(train_refs), samples=train_cfg.samples,
                               baseline=train_cfg.baseline, max_length=max_length,
                               rng=np.random.default_rng([train_cfg.seed, 0x5C57]),
-                              dropout=train_cfg.sample_dropout, rules=rules_for(vocab, decode_cfg))
+                              dropout=train_cfg.sample_dropout,
+                              rules=rules_for(vocab, decode_cfg) if train_cfg.sample_rules else None)
     val = data.get("val")
     val_fn = None if val is None else cider_val_fn(
         vocab, val[0], dataset.splits["val"].references, max_length, beam=train_cfg.select_beam,

@@ -137,6 +137,10 @@ def add_arguments(p):
     g.add_argument("--sample-dropout", type=unit_float, default=d[2].sample_dropout,
                    help="dropout (word vectors, scored hidden states) while drawing captions, the "
                         "same masks in the loss; 0 = off (default %(default)s)")
+    g.add_argument("--sample-rules", action=argparse.BooleanOptionalAction, default=d[2].sample_rules,
+                   help="draw the captions under the checkpoint's decoding rules, with the policy "
+                        "gradient of that renormalised distribution; off, they apply when decoding "
+                        "only, which Flickr8k val preferred (default %(default)s)")
     g.add_argument("--temperature", type=positive_float, default=None,
                    help="the policy starts as the --init model's softmax at this temperature: its "
                         "output layer is divided by it, so greedy captions are unchanged and samples "
