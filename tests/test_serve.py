@@ -885,3 +885,20 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     time.sleep(0.2)  # let the reader thread collect the last lines
     text = "".join(err)
     assert "Traceback" not in text and "rnncap serve: stopped" in text, text
+
+
+def test_a_checkpoint_standardised_without_pca_is_described(tmp_path):
+    # The README's best recipe (attention on maps) stores a standardisation with no PCA
+    # components; describing it for the page and /api/model once raised AttributeError.
+    from rnncap.checkpoint import save_checkpoint
+    from rnncap.data.vocab import Vocab
+    from rnncap.inference.serve import describe_checkpoint
+    from rnncap.models.attention import AttentionCaptioningModel
+
+    vocab = Vocab.from_words(["<NULL>", "<START>", "<END>", "<UNK>", "a", "dog"])
+    model = AttentionCaptioningModel(len(vocab), 6, 4, 5, attention_dim=3, seed=0)
+    path = tmp_path / "maps.npz"
+    save_checkpoint(path, model, vocab, pca={"mean": np.zeros(6, np.float32), "components": None,
+                                             "scale": np.ones(6, np.float32)})
+    info = describe_checkpoint(path)
+    assert info["pca_dim"] is None and info["model_class"] == "AttentionCaptioningModel"

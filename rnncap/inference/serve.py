@@ -632,13 +632,20 @@ def describe_checkpoint(path, average=None):
         "wordvec_dim": getattr(m, "wordvec_dim", None),
         "vocab_size": len(ckpt.vocab),
         "encoder": {k: v for k, v in (ckpt.encoder or {}).items() if k in ("name", "pooling", "image_size")},
-        "pca_dim": int(ckpt.pca["components"].shape[1]) if ckpt.pca is not None else None,
+        "pca_dim": _pca_dim(ckpt.pca),
         "training_data": (ckpt.configs.get("data") or {}).get("captions") or None,
         "trained_on": "synthetic scenes" if synthetic else "photos",
         "warning": scenes_warning(len(ckpt.vocab)) if synthetic else None,
         "iteration": ckpt.train_state.get("iteration"),
         "val_metrics": _val_metrics(ckpt),
     }
+
+
+def _pca_dim(pca):
+    """The PCA's output size, or None: no transform, or standardisation alone (a
+    transform with no components, as for spatial maps)."""
+    components = None if pca is None else pca.get("components")
+    return None if components is None else int(components.shape[1])
 
 
 def _val_metrics(ckpt):
