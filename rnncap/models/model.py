@@ -426,11 +426,14 @@ def _common_args(model_cfg, vocab, seed):
 # gradients are added; the elementwise work, which NumPy runs on one core, is spread
 # as well. NumPy releases the GIL in its loops and BLAS calls, so plain Python threads
 # do. A shard costs some efficiency (each of its step matmuls is thinner, and its
-# weight gradients are full-size), so shards are made only with enough rows each.
+# weight gradients are full-size), so shards are made only with enough rows each:
+# 25, so that a batch of 50 uses both cores. Measured on Zen 3 (2 cores), h0 LSTM
+# step at N=50: one shard 158 ms, two 102 ms idle; with a busy loop on the other core
+# 161 and 153 ms, so the split costs nothing when the second core is taken.
 # The BLAS limit is process-wide while it lasts: two threads that call ``loss`` at the
 # same time should each run under their own threadpoolctl limit of 1.
 
-_MIN_SHARD_ROWS = 64   # thinner step matmuls run at three-quarters speed or less
+_MIN_SHARD_ROWS = 25   # N = 50 splits in two: 1.5x faster than one shard (docs/performance.md)
 _MIN_DECODE_ROWS = 16  # in_shards' default: decoding splits need no such margin
 _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
 _parallel_state = threading.local()  # .inside: this thread is running a shard
