@@ -262,6 +262,10 @@ def test_forbidding_every_other_word_leaves_nothing_to_learn():
     assert all(np.abs(g).max() < 1e-12 for g in grads.values())
     with pytest.raises(ValueError, match="forbidden"):
         m.loss(feats, caps, forbidden=(np.array([9]), np.array([0]), np.array([4])))
+    smoothed = small_model("lstm", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="label smoothing"):
+        smoothed.loss(feats, caps, forbidden=forbidden)
+    assert smoothed.likelihood_only().loss(feats, caps, forbidden=forbidden)[0] == pytest.approx(0.0, abs=1e-12)
     assert all(len(a) == 0 for a in forbidden_in(np.array([[4, 2, 0]]), END))  # no rules: nothing
 
 

@@ -148,6 +148,10 @@ class CaptioningModel:
         else:
             masks = self._check_masks(masks, (N, T))
         forbidden = _check_forbidden(forbidden, N, T, captions)
+        if forbidden is not None and token_weights is None and self.label_smoothing:
+            # smoothing spreads mass over every word, the forbidden ones included
+            raise ValueError("forbidden words need a loss without label smoothing "
+                             "(likelihood_only(), or token_weights)")
         parts = _map_shards(
             lambda s: self._loss_rows(features[s], captions[s],
                                       [m if m is None else m[s] for m in masks], N,
