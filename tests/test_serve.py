@@ -413,9 +413,10 @@ def one_photo(p):
     return [("image", (p.name, p.read_bytes()))]
 
 
-# Long enough that the photos of requests sent at once always meet in one batch; a
-# full batch starts at once, so the tests do not wait for it.
-GATHER = dict(batch_wait_ms=20_000)
+# Long enough that the photos of requests sent at once always meet in one batch (also
+# those whose request is not yet being read); a full batch starts at once, so the
+# tests do not wait for it.
+GATHER = dict(batch_wait_ms=20_000, batch_wait_always=True)
 
 
 def test_requests_arriving_together_share_a_batch_and_each_gets_its_own_caption(captioner, photos):
@@ -529,6 +530,43 @@ def test_shutting_down_fails_queued_requests_with_503_and_ends_the_workers(photo
     assert not worker.is_alive() and fake.calls == 1
 
 
+def test_a_batch_waits_only_for_photos_on_their_way(photos):
+    from rnncap.inference.serve import _Batcher
+
+    photo = [(photos[0].name, "photo", photos[0].read_bytes())]
+    batcher = _Batcher(FakeCaptioner(), Limits(max_batch=4, batch_wait_ms=20_000))
+    try:
+        alone = batcher.submit(photo, {})  # nobody else is being read: no wait at all
+        results, _, _ = alone.result(timeout=10)
+        assert results[0]["batch"] == 1
+        batcher.expect()  # a request is being read: the next batch waits for it
+        first = batcher.submit(photo, {})
+        time.sleep(0.3)
+        assert not first.done()
+        second = batcher.submit(photo, {}, expected=True)
+        assert [r["batch"] for f in (first, second) for r in f.result(timeout=10)[0]] == [2, 2]
+        batcher.expect()  # ... and stops waiting once that request is refused
+        third = batcher.submit(photo, {})
+        time.sleep(0.3)
+        assert not third.done()
+        batcher.unexpect()
+        assert third.result(timeout=10)[0][0]["batch"] == 1
+        assert batcher.stats()["count"] == 3
+    finally:
+        batcher.close()
+
+
+def test_a_lone_client_is_not_kept_waiting_and_a_refused_body_is_not_waited_for(photos):
+    app = create_app(FakeCaptioner(), limits=Limits(batch_wait_ms=20_000, max_bytes=MB))
+    with TestClient(app) as client:
+        big = client.post("/api/caption", files=[("image", ("big.jpg", b"x" * (2 * MB)))])
+        assert big.status_code == 413
+        t = time.monotonic()
+        r = client.post("/api/caption", files=one_photo(photos[0]))
+        assert r.status_code == 200 and time.monotonic() - t < 10  # not the 20 s wait
+        assert r.json()["photos"][0]["batch"] == 1
+
+
 def test_a_request_of_no_photos_does_not_wait_for_ever():
     from rnncap.inference.serve import _Batcher
 
@@ -568,6 +606,8 @@ def test_the_flags_set_the_limits():
 
     args = cli.build_parser().parse_args(["serve", "--max-batch", "1", "--batch-wait-ms", "0", "--workers", "2"])
     assert limits_from_args(args) == Limits(max_batch=1, batch_wait_ms=0.0, workers=2)
+    args = cli.build_parser().parse_args(["serve", "--batch-wait-always"])
+    assert limits_from_args(args) == Limits(batch_wait_always=True)
     assert limits_from_args(cli.build_parser().parse_args(["serve"])) == Limits()
 
 

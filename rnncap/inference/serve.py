@@ -20,9 +20,10 @@ Choices worth knowing:
   (a declared length over the limit is refused before reading, as a courtesy).
 - Requests that arrive together are captioned together (``_Batcher``): up to
   ``max_batch`` photos, from any requests, make one encoder batch and one decoding
-  batch per set of decoding options, after a wait of at most ``batch_wait_ms`` for
-  more. ``max_batch`` 1 captions photo by photo, as before batching. Each photo gets
-  the caption it gets alone.
+  batch per set of decoding options. A batch waits at most ``batch_wait_ms`` for
+  more, and only for photos already on their way (requests admitted and still being
+  read), so a lone client never waits. ``max_batch`` 1 captions photo by photo, as
+  before batching. Each photo gets the caption it gets alone.
 - Work is bounded: at most ``max_pending`` requests are admitted at once (reading,
   waiting or captioning), and ``workers`` threads caption. A request beyond that gets
   503 with Retry-After at once; nothing queues without bound. The admission is
@@ -83,6 +84,9 @@ class Limits:
     max_pending: int = 16               # requests admitted at once, workers included
     max_batch: int = 8                  # photos captioned together (one encoder batch)
     batch_wait_ms: float = 5.0          # how long a batch waits for more photos after its first
+    # False: wait only while other requests are being read (their photos are coming);
+    # True: wait the whole batch_wait_ms even then (clients that send bursts).
+    batch_wait_always: bool = False
 
 
 class ApiError(Exception):
@@ -215,10 +219,11 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
             raise ApiError(503, f"busy: {gate.capacity} requests are in progress; retry in {wait} s",
                            {"Retry-After": str(wait)})
         submitted = False
+        batcher.expect()
         try:
             t0 = time.perf_counter()
             photos = await _read_photos(request, limits)
-            job = batcher.submit(photos, kwargs)
+            job = batcher.submit(photos, kwargs, expected=True)
             submitted = True
             job.add_done_callback(lambda _: gate.leave())
             results, started, ended = await asyncio.wrap_future(job)
@@ -226,6 +231,7 @@ def create_app(captioner, *, info=None, limits=None, cors_origins=()):
             raise ApiError(422, str(e)) from None
         finally:
             if not submitted:
+                batcher.unexpect()
                 gate.leave()
         seconds_per_job[0] = 0.8 * seconds_per_job[0] + 0.2 * (ended - started)
         return {"photos": results,
@@ -414,8 +420,10 @@ class _Batcher:
     from any requests, and caption them together: one encoder batch, then one decoding
     batch per set of decoding options (requests asking for different beams must not
     share a beam search). A batch waits at most ``batch_wait_ms`` after its first photo
-    for more to come, and not at all once it is full; under load, photos queue while a
-    batch is captioned and the next one takes them at once.
+    for more to come, and not at all once it is full or when no request is being read
+    (``expect``, then ``submit(..., expected=True)``): at one client the wait would only
+    add to every request's latency. Under load, photos queue while a batch is
+    captioned and the next one takes them at once.
 
     Photos are decoded (``load_image``) by the batch, not by the request, so at most
     ``max_batch`` decoded photos per worker exist at a time, however many requests
@@ -429,6 +437,7 @@ class _Batcher:
         self._cond = threading.Condition()   # guards the queue, the threads and the stats
         self._collecting = threading.Lock()  # one worker gathers a batch at a time
         self._queue = collections.deque()    # (job, photo index)
+        self._arriving = 0                   # requests admitted whose photos are still being read
         self._threads, self._stop = [], threading.Event()
         self._stats = {"count": 0, "photos": 0, "largest": 0}
 
@@ -458,18 +467,34 @@ class _Batcher:
         for job in queued:
             job.fail(ApiError(503, "the server is shutting down; retry later", {"Retry-After": "5"}))
 
-    def submit(self, photos, kwargs):
+    def expect(self):
+        """A request was admitted and its photos are being read: a gathering batch may
+        wait for them. Ended by ``submit(..., expected=True)`` or ``unexpect``."""
+        with self._cond:
+            self._arriving += 1
+
+    def unexpect(self):
+        """An expected request will not be submitted (its body was refused)."""
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()  # a batch waiting for it need not
+
+    def submit(self, photos, kwargs, expected=False):
         """Queue a request's photos [(name, label, bytes)]; a concurrent Future of
-        (results, start, end), or of the request's DataError."""
+        (results, start, end), or of the request's DataError. ``expected``: the request
+        was announced by ``expect``."""
         job = _Job(photos, kwargs)
+        with self._cond:
+            # One step with the queueing, so a gathering batch never sees the request
+            # neither arriving nor queued.
+            self._arriving -= bool(expected)
+            if job.photos:
+                self.start()  # started by the app's lifespan; here too for an app used without it
+                self._queue.extend((job, i) for i in range(len(job.photos)))
+            self._cond.notify_all()
         if not job.photos:  # nothing to wait for (the app never sends none)
             job.take()
             job.future.set_result(([], job.started, job.started))
-            return job.future
-        with self._cond:
-            self.start()  # started by the app's lifespan; here too for an app used without it
-            self._queue.extend((job, i) for i in range(len(job.photos)))
-            self._cond.notify()
         return job.future
 
     def _work(self, stop):
@@ -490,7 +515,8 @@ class _Batcher:
                 if stop.is_set():
                     return None
                 deadline = time.monotonic() + wait
-                while len(self._queue) < limit and not stop.is_set():
+                while (len(self._queue) < limit and not stop.is_set()
+                       and (self._arriving > 0 or self.limits.batch_wait_always)):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -688,8 +714,11 @@ def add_arguments(p):
                    help="most photos captioned together, from any requests: one encoder batch "
                         "(default %(default)s; 1 = photo by photo)")
     p.add_argument("--batch-wait-ms", type=nonneg_float, default=Limits.batch_wait_ms,
-                   help="how long a batch waits after its first photo for more to come "
-                        "(default %(default)g ms)")
+                   help="how long a batch waits after its first photo for more, while other "
+                        "requests are being received (default %(default)g ms)")
+    p.add_argument("--batch-wait-always", action="store_true",
+                   help="wait the whole --batch-wait-ms even when no other request is being "
+                        "received (for clients that send in bursts; costs a lone client that long)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let pages from ORIGIN (e.g. http://localhost:3000, or *) call the API; "
                         "repeatable (default: CORS off)")
@@ -736,7 +765,7 @@ def limits_from_args(args):
     """The ``Limits`` that the command's flags ask for."""
     return Limits(max_bytes=int(args.max_upload_mb * MB), max_files=args.max_files, max_pixels=args.max_pixels,
                   workers=args.workers, max_pending=args.max_pending, max_batch=args.max_batch,
-                  batch_wait_ms=args.batch_wait_ms)
+                  batch_wait_ms=args.batch_wait_ms, batch_wait_always=args.batch_wait_always)
 
 
 def _listen(host, port):
