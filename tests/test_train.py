@@ -209,6 +209,61 @@ def test_adam_matches_reference_and_is_pure():
     assert not np.array_equal(w, w0)
 
 
+def test_adam_keeps_the_bits_of_its_plain_expression_and_its_inputs():
+    # The rule writes into fresh arrays with out=; it must give exactly what the
+    # expressions give in float32, and leave w, dw and the state's arrays alone.
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((7, 5)).astype(np.float32)
+    state, m, v, ref = {}, np.zeros_like(w), np.zeros_like(w), w.copy()
+    f = np.float32
+    for t in range(1, 5):
+        g = rng.standard_normal(w.shape).astype(np.float32)
+        kept = (w.copy(), g.copy(), {k: a.copy() for k, a in state.items() if hasattr(a, "shape")})
+        w, new = optim.adam(w, g, state, lr=0.01)
+        assert np.array_equal(kept[1], g) and all(np.array_equal(a, state[k]) for k, a in kept[2].items())
+        assert not np.shares_memory(w, kept[0]) and w.dtype == np.float32
+        state = new
+        m = f(0.9) * m + f(0.1) * g
+        v = f(0.999) * v + f(1.0 - 0.999) * (g * g)
+        step = 0.01 * np.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t)
+        ref = ref - f(step) * m / (np.sqrt(v) + f(1e-8))
+        assert np.array_equal(w, ref) and np.array_equal(state["m"], m) and np.array_equal(state["v"], v)
+
+
+@pytest.mark.parametrize("rule", ["adam", "sgd"])
+def test_update_all_spread_over_threads_gives_the_same_bits_as_one_by_one(rule, monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from rnncap.models import model as model_module
+
+    rng = np.random.default_rng(2)
+    shapes = {"big": (700, 600), "mid": (300, 500), "small": (40, 30), "b": (600,)}
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    fn = optim.RULES[rule]
+    one_states = {k: {} for k in params}
+    one = dict(params)
+    calls = []
+    real = model_module._run_sharded
+    monkeypatch.setattr(model_module, "_run_sharded", lambda fns: calls.append(len(fns)) or real(fns))
+    states = {k: {} for k in params}
+    spread = dict(params)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        for _ in range(3):
+            for k in one:
+                one[k], one_states[k] = fn(one[k], grads[k], one_states[k], lr=0.01)
+            new, states = optim.update_all(fn, spread, grads, states, 0.01)
+            assert set(new) == set(params)
+            spread.update(new)
+    for k in params:
+        assert np.array_equal(spread[k], one[k]), k
+        for key, a in one_states[k].items():
+            assert np.array_equal(states[k][key], a), (k, key)
+    assert calls == [2, 2, 2]  # two groups side by side: 420k numbers against 150k + 1k + 0.6k + 1.2k
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        optim.update_all(fn, spread, grads, states, 0.01)
+    assert calls == [2, 2, 2]  # one BLAS thread: no spreading
+
+
 # -- checkpoint files ------------------------------------------------------------------
 
 def saved(tmp_path):

@@ -105,16 +105,17 @@ def build_rnncap(dims, seed, device="cpu"):
 
 def rnncap_trainer(model, lr=LR):
     """A training-step closure: model.loss, then rnncap.training.optim.adam on every parameter
-    (the same loop the trainer runs)."""
-    from ..training.optim import adam
+    (``update_all``, as the trainer runs it)."""
+    from ..training.optim import adam, update_all
 
     states = {k: {} for k in model.params}
     params = model.params
 
     def step(features, captions):
+        nonlocal states
         loss, grads = model.loss(features, captions)
-        for k in params:
-            params[k], states[k] = adam(params[k], grads[k], states[k], lr=lr)
+        new_params, states = update_all(adam, params, grads, states, lr)
+        params.update(new_params)
         return loss
 
     return step

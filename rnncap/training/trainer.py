@@ -149,8 +149,8 @@ class Trainer:
                                    f"stopped without saving, the last good checkpoint is kept")
         rule = optim.RULES[self.cfg.optimizer]
         kw = {"momentum": self.cfg.momentum} if self.cfg.optimizer == "sgd" else {}
-        for k, w in self.model.params.items():
-            self.model.params[k], self.opt_state[k] = rule(w, grads[k], self.opt_state[k], lr=lr, **kw)
+        new_params, self.opt_state = optim.update_all(rule, self.model.params, grads, self.opt_state, lr, **kw)
+        self.model.params.update(new_params)  # in place: a wrapper's params are its model's
         if self.ema is not None:
             for k, w in self.model.params.items():
                 dt = w.dtype.type
