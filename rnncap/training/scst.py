@@ -211,7 +211,7 @@ class ScstObjective:
 # for ~100k updates; the 15-minute budget here allows ~1,000 (4 epochs of 240), where
 # 5e-5 moved val CIDEr by +0.006 and 5e-4 by +0.037 (beam 3); larger or decayed rates
 # did no better.
-STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4, "ema": 0.0}
+STAGE_DEFAULTS = {"lr": 5e-4, "lr_decay": 1.0, "batch_size": 25, "epochs": 4, "ema": 0.0, "warmup": 0}
 # Per kind of model, where it differs, as measured on val. The temperature of the
 # starting policy: the h0 LSTM (label smoothing, dropout) has a flat softmax, its
 # samples score a third of its greedy captions' CIDEr-D and the few updates went on

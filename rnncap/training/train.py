@@ -87,7 +87,8 @@ def add_arguments(p):
                         f"{d[2].ema:g}; {s.get('ema', d[2].ema):g} with --scst)")
     g.add_argument("--warmup", type=nonneg_int,
                    help=f"updates over which the learning rate rises linearly to --lr (default "
-                        f"{d[2].warmup}; {KIND_DEFAULTS['transformer']['warmup']} for the transformer)")
+                        f"{d[2].warmup}; {KIND_DEFAULTS['transformer']['warmup']} for the transformer; "
+                        f"{s['warmup']} with --scst)")
     g.add_argument("--momentum", type=unit_float, default=d[2].momentum, help="for sgd")
     g.add_argument("--weight-decay", type=float, default=d[2].weight_decay)
     g.add_argument("--clip", type=float, default=d[2].clip_norm,
