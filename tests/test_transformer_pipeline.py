@@ -97,6 +97,10 @@ def test_self_critical_stage_runs_on_the_transformer(transformer_run, tmp_path):
     start, ckpt = load_checkpoint(out / "last.npz"), load_checkpoint(scst / "last.npz")
     assert isinstance(ckpt.model, TransformerCaptioningModel) and ckpt.train_state["iteration"] == 2
     assert not np.array_equal(ckpt.model.params["l0_W1"], start.model.params["l0_W1"])
+    # The Transformer's own stage defaults, as Flickr8k val chose them (scst.MODEL_DEFAULTS):
+    # its label-smoothed softmax sharpened at 0.5, and a rate of 1e-4.
+    train = ckpt.configs["train"]
+    assert train["temperature"] == 0.5 and train["lr"] == 1e-4
 
 
 def test_self_critical_dropout_while_sampling_is_refused_in_one_line(transformer_run, tmp_path, capsys):

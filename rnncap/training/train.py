@@ -77,7 +77,9 @@ def add_arguments(p):
     g.add_argument("--optimizer", choices=sorted(optim.RULES), default=d[2].optimizer)
     from .scst import STAGE_DEFAULTS as s, stage_defaults
 
-    g.add_argument("--lr", type=positive_float, help=f"(default {d[2].lr:g}; {s['lr']:g} with --scst)")
+    g.add_argument("--lr", type=positive_float,
+                   help=f"(default {d[2].lr:g}, {KIND_DEFAULTS['transformer']['lr']:g} for the transformer; "
+                        f"{s['lr']:g} with --scst, {stage_defaults('transformer')['lr']:g} for the transformer)")
     g.add_argument("--lr-decay", type=positive_float,
                    help=f"learning-rate factor per epoch (default {d[2].lr_decay:g}; "
                         f"{s['lr_decay']:g} with --scst)")
@@ -146,7 +148,8 @@ def add_arguments(p):
                    help="the policy starts as the --init model's softmax at this temperature: its "
                         "output layer is divided by it, so greedy captions are unchanged and samples "
                         f"are surer below 1 (default {stage_defaults('h0')['temperature']:g} for h0, "
-                        f"{stage_defaults('attention')['temperature']:g} for attention models)")
+                        f"{stage_defaults('attention')['temperature']:g} for attention models, "
+                        f"{stage_defaults('transformer')['temperature']:g} for the transformer)")
     p.add_argument("--out", help="output folder (default: runs/train, or the folder of --resume's checkpoint)")
     p.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (e.g. OUT/last.npz); "
                    "configs, vocab and state come from it, --epochs may extend the run")
