@@ -73,6 +73,17 @@ def test_train_records_the_transformer_and_learns(transformer_run):
     assert len(val) == 3 and val[-1] < val[0]
 
 
+def test_the_kinds_own_recipe_fills_what_is_not_given(transformer_run, tmp_path):
+    from rnncap.checkpoint import load_checkpoint
+
+    data, maps, _ = transformer_run
+    given = [a for a in ARGS if a not in ("--lr", "3e-3", "--warmup", "4")]
+    assert main(["train", "--data", str(data), "--features", str(maps), "--out", str(tmp_path / "r"),
+                 "--max-iters", "1", *given]) == 0
+    train = load_checkpoint(tmp_path / "r" / "last.npz").configs["train"]
+    assert train["lr"] == 1e-3 and train["warmup"] == 250  # val's rate (docs/transformer.md), the warm-up
+
+
 def test_resume_continues_exactly(transformer_run, tmp_path):
     from rnncap.checkpoint import load_checkpoint
 
