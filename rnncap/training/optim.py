@@ -60,39 +60,12 @@ def adam(w, dw, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
 
 RULES = {"adam": adam, "sgd": sgd_momentum}
 
-# Below this many numbers in all, an update runs on one thread: handing work to
-# another costs more than the elementwise passes it would take over.
-MIN_PARALLEL_SIZE = 1 << 18
-
 
 def update_all(rule, params, grads, states, lr, **kwargs):
-    """``rule`` on every parameter: ({name: new w}, {name: new state}).
-
-    On the CPU the parameters are spread over the BLAS threads NumPy would use (one
-    with OPENBLAS_NUM_THREADS=1), in groups of about equal size, largest parameter
-    first into the lightest group, run side by side (NumPy releases the GIL in its
-    loops). A rule is elementwise, so the result is the same bits however it is
-    spread. A step's update is a few memory-bound passes over every weight: at a
-    batch of 50 it is about a tenth of the h0 LSTM's step, and was on one core.
-    """
-    from ..models.model import _run_sharded, _shards
-
-    names = list(params)
-    sizes = [int(params[k].size) for k in names]
-    xp = get_array_module(params[names[0]]) if names else None
-    k = len(_shards(sum(sizes), xp, MIN_PARALLEL_SIZE)) if names else 1
-    groups, loads = [[] for _ in range(k)], [0] * k
-    for i in sorted(range(len(names)), key=lambda i: -sizes[i]):
-        lightest = loads.index(min(loads))
-        groups[lightest].append(names[i])
-        loads[lightest] += sizes[i]
-
-    def run(group):
-        return [(name, rule(params[name], grads[name], states[name], lr=lr, **kwargs)) for name in group]
-
-    done = dict(pair for part in (_run_sharded([lambda g=g: run(g) for g in groups]) if k > 1
-                                  else [run(names)]) for pair in part)
-    return {n: done[n][0] for n in names}, {n: done[n][1] for n in names}
+    """``rule`` on every parameter: ({name: new w}, {name: new state}). The loop the
+    trainer and the bench share."""
+    done = {k: rule(params[k], grads[k], states[k], lr=lr, **kwargs) for k in params}
+    return {k: w for k, (w, _) in done.items()}, {k: st for k, (_, st) in done.items()}
 
 
 def clip_by_global_norm(grads, max_norm):
