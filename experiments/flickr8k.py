@@ -33,10 +33,27 @@ The runs:
   lstm-twin-recipe ``rnncap train`` with the twin's recipe (the parity check)
   torch-twin       the PyTorch twin (experiments/torch_twin.py), the twin's recipe
   torch-twin-same-init  the same, started from rnncap's initial weights for the seed
+
+The spatial captioners, each step a product command (``rnncap features --maps block``,
+``rnncap train``, ``rnncap train --scst``, ``rnncap evaluate`` with beam 3 and the
+decoding rules), into OUT/<run>-s<seed>/ with the map cache in OUT/<features>.h5
+(a cache already there, or a link to one, is used as it is):
+  attention        ``--model attention`` (the README's best single recipe, with -scst)
+  attention-scst   ``--scst --init OUT/attention-s<seed>/best.npz``
+  transformer      ``--model transformer``; transformer-scst as attention-scst
+  attention-448    the attention model on 14 x 14 maps (``--input-size 448``)
+  attention-lite2  on EfficientNet-Lite2's 9 x 9 maps (its native 260 px)
+  attention-reg0   without the doubly stochastic attention penalty
+and the ensembles (``rnncap evaluate --checkpoint A B ... --ensemble logprob``) of
+their members at every seed asked for, into OUT/<ensemble>/:
+  ens-attention-scst         attention-scst
+  ens-attention-scst+transformer    attention-scst and transformer
+  ens-attention+transformer  attention, attention-scst and transformer
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -68,6 +85,30 @@ RUNS = {  # name: (implementation, cell)
     "torch-twin-same-init": ("torch-rnncap-init", "lstm"),
 }
 DECODERS = (("greedy", 1), ("beam3", 3), ("beam5", 5))
+
+# The spatial captioners, run through the product's commands (see the docstring).
+MAP_FEATURES = {  # cache name: `rnncap features` flags
+    "maps-block": ["--maps", "block"],
+    "maps-block-448": ["--maps", "block", "--input-size", "448"],
+    "maps-block-lite2": ["--maps", "block", "--encoder", "efficientnet-lite2"],
+}
+COMMAND_RUNS = {  # name: (feature cache, `rnncap train` flags, the run it starts from)
+    "attention": ("maps-block", ["--model", "attention"], None),
+    "attention-scst": ("maps-block", ["--scst"], "attention"),
+    "transformer": ("maps-block", ["--model", "transformer"], None),
+    "transformer-scst": ("maps-block", ["--scst"], "transformer"),
+    "attention-448": ("maps-block-448", ["--model", "attention"], None),
+    "attention-lite2": ("maps-block-lite2", ["--model", "attention"], None),
+    "attention-reg0": ("maps-block", ["--model", "attention", "--attention-reg", "0"], None),
+}
+ENSEMBLES = {  # name: member runs, each at every seed asked for
+    "ens-attention-scst": ["attention-scst"],
+    "ens-attention-scst+transformer": ["attention-scst", "transformer"],
+    "ens-attention+transformer": ["attention", "attention-scst", "transformer"],
+}
+# `rnncap evaluate` for every spatial row: the product's decoder (beam 3, its length
+# normalisation) with the decoding rules and trigram blocking on.
+EVALUATE_FLAGS = ["--split", "val", "--beam", "3", "--rules", "--block-trigrams", "--report-images", "0"]
 
 
 def log(msg):
@@ -309,8 +350,6 @@ def _finished(out_dir):
 def _train_rnncap(impl, cell, recipe, seed, data, args, out_dir):
     """`rnncap train` (or `--scst`) into out_dir, unless it already finished there (or,
     stopped midway, continued with --resume). Returns whether it trained now."""
-    from rnncap.cli import main as rnncap
-
     if _finished(out_dir) and not args.force:
         log(f"{out_dir.name}: training already finished, kept (--force retrains)")
         return False
@@ -323,14 +362,115 @@ def _train_rnncap(impl, cell, recipe, seed, data, args, out_dir):
         argv = ["train", "--data", data.captions_file, "--cell", cell, "--no-pca",
                 *(_twin_flags(recipe) if recipe else []), *_command_overrides(args)]
     data.features(args.encoder or DEFAULT_ENCODER)  # extracted (or found) before training
-    argv += ["--features", str(data.cache[args.encoder or DEFAULT_ENCODER]), "--out", str(out_dir),
-             "--seed", str(seed), "--quiet"]
-    if (out_dir / "last.npz").is_file() and not args.force:  # stopped midway: continue it
-        argv = ["train", "--resume", str(out_dir / "last.npz"), "--quiet"]
-    log(f"{out_dir.name}: rnncap " + " ".join(argv))
+    argv += ["--features", str(data.cache[args.encoder or DEFAULT_ENCODER])]
+    return _train(argv, seed, out_dir, args)
+
+
+def _train(argv, seed, out_dir, args):
+    """`rnncap ARGV --seed SEED` into out_dir, or, stopped midway there, `rnncap train
+    --resume` of it. Returns True (it trained now)."""
+    from rnncap.cli import main as rnncap
+
+    argv = [*argv, "--out", str(out_dir), "--seed", str(seed), "--quiet"]
+    if (Path(out_dir) / "last.npz").is_file() and not args.force:  # stopped midway: continue it
+        argv = ["train", "--resume", str(Path(out_dir) / "last.npz"), "--quiet"]
+    log(f"{Path(out_dir).name}: rnncap " + " ".join(argv))
     if rnncap(argv) != 0:
-        raise SystemExit(f"{out_dir.name}: rnncap train failed")
+        raise SystemExit(f"{Path(out_dir).name}: rnncap train failed")
     return True
+
+
+# ---- the spatial captioners: the product's commands, end to end -------------------------
+
+def map_features(name, data, args):
+    """OUT/<name>.h5, made by `rnncap features` with MAP_FEATURES[name]'s flags unless a
+    complete cache (or a link to one) is already there."""
+    from rnncap.cli import main as rnncap
+    from rnncap.encoding.features import feature_info
+
+    path = Path(args.out) / f"{name}.h5"
+    wanted = {n: len(s) for n, s in data.splits.items()}
+    if not _complete(path, feature_info, wanted) and not _complete(
+            path, feature_info, {n: len(data.dataset[n]) for n in wanted}):
+        log(f"{name}: rnncap features {' '.join(MAP_FEATURES[name])}")
+        t0 = time.perf_counter()
+        if rnncap(["features", "--data", data.captions_file, "--out", str(path), *MAP_FEATURES[name],
+                   "--splits", ",".join(wanted), "--quiet"]) != 0:
+            raise SystemExit(f"{name}: rnncap features failed")
+        data.feature_seconds[name] = time.perf_counter() - t0
+    return path
+
+
+def run_command(name, seed, data, args):
+    """COMMAND_RUNS[name] at ``seed``: trained (unless finished) and evaluated into
+    OUT/<name>-s<seed>/, its row in OUT/<name>-s<seed>/command.json."""
+    feats, flags, start = COMMAND_RUNS[name]
+    out_dir = Path(args.out) / f"{name}-s{seed}"
+    path = map_features(feats, data, args)
+    argv = ["train", "--data", data.captions_file, "--features", str(path), *flags]
+    if start:
+        init = Path(args.out) / f"{start}-s{seed}" / "best.npz"
+        if not _finished(init.parent):
+            run_command(start, seed, data, args)
+        argv += ["--init", str(init), *_command_overrides(args, scst=True)]
+    else:
+        argv += _command_overrides(args)
+    if args.force or not _finished(out_dir):
+        _train(argv, seed, out_dir, args)
+    metrics = evaluate_command([out_dir / "best.npz"], [path], out_dir / "eval", data, args)
+    row = {"run": name, "seeds": [seed], "members": [f"{name}-s{seed}"], "features": feats,
+           "train_command": "rnncap " + " ".join(argv), "metrics": metrics,
+           "train_seconds": _train_seconds(out_dir)}
+    (out_dir / "command.json").write_text(json.dumps(row, indent=1))
+    return row
+
+
+def run_ensemble(name, seeds, data, args):
+    """ENSEMBLES[name] over ``seeds``: its members trained if needed (run_command), then
+    `rnncap evaluate --ensemble logprob` of them all into OUT/<name>/."""
+    members = [(run, seed) for run in ENSEMBLES[name] for seed in seeds]
+    for run, seed in members:
+        if not (Path(args.out) / f"{run}-s{seed}" / "command.json").is_file() or args.force:
+            run_command(run, seed, data, args)
+    out_dir = Path(args.out) / name
+    metrics = evaluate_command([Path(args.out) / f"{run}-s{seed}" / "best.npz" for run, seed in members],
+                               [Path(args.out) / f"{COMMAND_RUNS[run][0]}.h5" for run, _ in members],
+                               out_dir / "eval", data, args, ["--ensemble", "logprob"])
+    row = {"run": name, "seeds": list(seeds), "members": [f"{run}-s{seed}" for run, seed in members],
+           "features": ",".join(sorted({COMMAND_RUNS[run][0] for run, _ in members})), "metrics": metrics,
+           "train_seconds": sum(_train_seconds(Path(args.out) / m) or 0.0
+                                for m in (f"{run}-s{seed}" for run, seed in members))}
+    (out_dir / "command.json").write_text(json.dumps(row, indent=1))
+    return row
+
+
+def evaluate_command(checkpoints, features, out_dir, data, args, extra=()):
+    """`rnncap evaluate` of ``checkpoints`` (one model, or an ensemble's members) with
+    EVALUATE_FLAGS; returns its summary (COCO metrics and the defect counts). A scored
+    out_dir is read back rather than scored again (--force rescores)."""
+    from rnncap.cli import main as rnncap
+
+    done = Path(out_dir) / "metrics.json"
+    if not done.is_file() or args.force:
+        argv = ["evaluate", "--checkpoint", *map(str, checkpoints), "--features", *map(str, features),
+                "--data", data.captions_file, *EVALUATE_FLAGS, *extra, "--out", str(out_dir), "--json",
+                *([] if args.meteor else ["--no-meteor"])]
+        log(f"{Path(out_dir).parent.name}: rnncap " + " ".join(argv))
+        with contextlib.redirect_stdout(sys.stderr):  # its JSON is also in metrics.json
+            if rnncap(argv) != 0:
+                raise SystemExit(f"{Path(out_dir).parent.name}: rnncap evaluate failed")
+    return json.loads(done.read_text())["summary"]
+
+
+def _train_seconds(out_dir):
+    """The training seconds `rnncap train` recorded in out_dir (its epochs' sum)."""
+    from rnncap.checkpoint import load_checkpoint
+
+    last = Path(out_dir) / "last.npz"
+    if not last.is_file():
+        return None
+    seconds = load_checkpoint(last).history.get("epoch_seconds")
+    return float(sum(seconds)) if seconds else None
 
 
 def _read_rnncap(out_dir, data, seed, impl):
@@ -434,13 +574,55 @@ def sweep_length_norm(run_dir, data, norms):
 
 def summarise(out, data):
     results = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*-s*/metrics.json"))]
-    if not results:
+    rows = [json.loads(p.read_text()) for p in Path(out).glob("*/command.json")]
+    if not (results or rows):
         return None
     summary = {"machine": machine(), "features_seconds": data.feature_seconds,
-               "example_seed": EXAMPLE_SEED, "runs": results}
+               "example_seed": EXAMPLE_SEED, "runs": results, "commands": rows}
     Path(out, "results.json").write_text(json.dumps(summary, indent=1))
-    Path(out, "results.md").write_text(markdown(results, data))
+    parts = ([markdown(results, data)] if results else []) + ([command_markdown(rows)] if rows else [])
+    Path(out, "results.md").write_text("\n".join(parts))
     return summary
+
+
+COMMAND_KEYS = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+DEFECT_KEYS = ("mid_phrase_endings", "repeated_words", "repeated_trigrams")
+
+
+def command_markdown(rows):
+    """The spatial captioners' table: each run and seed, the mean of a run's seeds
+    (how a single model counts), then the ensembles, naming their members."""
+    order = {name: k for k, name in enumerate([*COMMAND_RUNS, *ENSEMBLES])}
+    rows = sorted(rows, key=lambda r: (order.get(r["run"], len(order)), r["seeds"]))
+    lines = ["Val (all 5 references), COCO caption toolkit, `rnncap evaluate` with beam 3, the decoding "
+             "rules and trigram blocking; defects: captions that end mid-phrase / repeat a word back to "
+             "back / repeat a trigram; train min: the run's epochs (an ensemble: its members' sum).", "",
+             "| run | seeds | features | " + " | ".join(COMMAND_KEYS) + " | defects | train min |",
+             "|---" * (len(COMMAND_KEYS) + 5) + "|"]
+
+    def line(run, seeds, feats, m, seconds):
+        cells = ["-" if m.get(k) is None else f"{m[k]:.4f}" for k in COMMAND_KEYS]
+        defects = " / ".join("-" if m.get(k) is None else f"{m[k]:g}" for k in DEFECT_KEYS)
+        return (f"| {run} | {seeds} | {feats} | " + " | ".join(cells) + f" | {defects} | "
+                + ("-" if not seconds else f"{seconds / 60:.1f}") + " |")
+
+    for r in rows:
+        lines.append(line(r["run"], ",".join(map(str, r["seeds"])), r["features"], r["metrics"],
+                          r["train_seconds"]))
+    for name in COMMAND_RUNS:  # a single model counts as the mean of its seeds
+        seeds = [r for r in rows if r["run"] == name]
+        if len(seeds) > 1:
+            mean = {k: float(np.mean([r["metrics"][k] for r in seeds]))
+                    for k in (*COMMAND_KEYS, *DEFECT_KEYS) if all(r["metrics"].get(k) is not None for r in seeds)}
+            times = [r["train_seconds"] for r in seeds if r["train_seconds"]]
+            lines.append(line(f"{name}, mean of seeds", ",".join(str(r["seeds"][0]) for r in seeds),
+                              seeds[0]["features"], mean, float(np.mean(times)) if times else None))
+    ensembles = [r for r in rows if r["run"] in ENSEMBLES or len(r["members"]) > 1]
+    if ensembles:
+        lines += ["", "Ensemble members (mean of log-probabilities at every step):", ""]
+        lines += [f"- {r['run']} (seeds {','.join(map(str, r['seeds']))}): {', '.join(r['members'])}"
+                  for r in ensembles]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results, data):
@@ -533,7 +715,8 @@ def parse_args(argv=None):
     p.add_argument("--features", help="feature cache of the encoder (default OUT/features-ENCODER.h5)")
     p.add_argument("--encoder", help=f"the encoder (rnncap.encoding.encoders.ENCODERS; default {DEFAULT_ENCODER})")
     p.add_argument("--runs", default="lstm",
-                   help=f"comma-separated runs from {', '.join(RUNS)}, or 'all' (default %(default)s)")
+                   help=f"comma-separated runs from {', '.join([*RUNS, *COMMAND_RUNS, *ENSEMBLES])}, "
+                        f"or 'all' (the pooled runs; default %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 500 train and 100 val images, 2 epochs")
@@ -560,9 +743,11 @@ def parse_args(argv=None):
         args.val_images = args.val_images or 100
         args.epochs = args.epochs or 2
     runs = list(RUNS) if args.runs == "all" else [s.strip() for s in args.runs.split(",") if s.strip()]
-    unknown = [r for r in runs if r not in RUNS]
+    known = [*RUNS, *COMMAND_RUNS, *ENSEMBLES]
+    unknown = [r for r in runs if r not in known]
     if unknown:
-        p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)} or 'all'")
+        p.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(known)} or 'all' "
+                f"(the pooled runs)")
     args.run_list = runs
     from rnncap.encoding.encoders import ENCODERS
 
@@ -592,13 +777,22 @@ def main(argv=None):
         f"val {len(data.splits['val'])} images")
     for seed in [] if args.summarise else args.seed_list:
         for name in args.run_list:
-            done = Path(args.out) / f"{name}-s{seed}" / "metrics.json"
+            if name in ENSEMBLES:
+                continue
+            done = Path(args.out) / f"{name}-s{seed}" / ("metrics.json" if name in RUNS else "command.json")
             if done.is_file() and not args.force:
                 log(f"{done.parent.name}: already done, kept (--force retrains)")
-            else:
+            elif name in RUNS:
                 run_one(name, seed, data, args)
-            if args.length_norm_list:
+            else:
+                run_command(name, seed, data, args)
+            if args.length_norm_list and name in RUNS:
                 sweep_length_norm(done.parent, data, args.length_norm_list)
+    for name in [] if args.summarise else [r for r in args.run_list if r in ENSEMBLES]:
+        if (Path(args.out) / name / "command.json").is_file() and not args.force:
+            log(f"{name}: already done, kept (--force rescores)")
+        else:
+            run_ensemble(name, args.seed_list, data, args)
     summarise(args.out, data)
     log(f"all done in {(time.perf_counter() - t0) / 60:.1f} min; see {Path(args.out) / 'results.md'}")
     return 0

@@ -96,3 +96,48 @@ def test_experiment_on_a_slice_of_flickr8k_beats_the_untrained_model(tmp_path, f
     assert ckpt.model.input_dim == 1280
     assert ckpt.pca.get("components") is None and ckpt.pca.get("scale") is not None
     assert result["chosen"]["epoch"] is not None and len(result["history"]) == 6
+
+
+@pytest.mark.flickr8k
+def test_experiment_runs_the_spatial_captioners_through_the_commands(tmp_path):
+    """The attention rows: `rnncap features --maps block`, `rnncap train`, `rnncap train
+    --scst` and `rnncap evaluate` (rules on), then an ensemble, on 40 + 10 photos."""
+    if not (FLICKR8K / "captions.json").exists():
+        pytest.skip("needs ../shared/data/flickr8k (real Flickr8k photos); not present here")
+    for module in ("torch", "h5py", "pycocoevalcap"):
+        pytest.importorskip(module)
+    exp = _load("flickr8k")
+    rc = exp.main(["--out", str(tmp_path), "--data", str(FLICKR8K), "--runs",
+                   "attention,attention-scst,ens-attention-scst", "--seeds", "0",
+                   "--train-images", "40", "--val-images", "10", "--epochs", "1", "--batch-size", "20",
+                   "--hidden", "32", "--wordvec", "32", "--no-meteor"])
+    assert rc == 0
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.encoding.features import read_identity
+
+    assert read_identity(tmp_path / "maps-block.h5")["pooling"] == "block-map"
+    att = json.loads((tmp_path / "attention-s0" / "command.json").read_text())
+    scst = json.loads((tmp_path / "attention-scst-s0" / "command.json").read_text())
+    ens = json.loads((tmp_path / "ens-attention-scst" / "command.json").read_text())
+    assert "--model attention" in att["train_command"] and "--hidden 32" in att["train_command"]
+    assert f"--init {tmp_path / 'attention-s0' / 'best.npz'}" in scst["train_command"]
+    ckpt = load_checkpoint(str(tmp_path / "attention-scst-s0" / "best.npz"))
+    assert ckpt.configs["model"]["model"] == "attention" and ckpt.model.hidden_dim == 32
+    # scored by `rnncap evaluate` on the 10 val photos with beam 3 and the rules
+    scored = json.loads((tmp_path / "attention-s0" / "eval" / "metrics.json").read_text())["run"]
+    assert scored["images"] == 10 and scored["beam"] == 3 and scored["rules"] and scored["block_trigrams"]
+    for row in (att, scst):
+        assert 0 <= row["metrics"]["CIDEr"] and row["metrics"]["repeated_words"] == 0  # a rule
+        assert row["train_seconds"] > 0
+    # an ensemble of one member decodes exactly like it, so it scores the same
+    assert ens["members"] == ["attention-scst-s0"]
+    assert ens["metrics"]["CIDEr"] == pytest.approx(scst["metrics"]["CIDEr"], abs=1e-12)
+    assert ens["metrics"]["BLEU-4"] == pytest.approx(scst["metrics"]["BLEU-4"], abs=1e-12)
+    table = (tmp_path / "results.md").read_text()
+    assert "| attention | 0 | maps-block |" in table and "| ens-attention-scst | 0 |" in table
+    assert "- ens-attention-scst (seeds 0): attention-scst-s0" in table
+    # a second call finds everything done and trains or scores nothing again
+    before = (tmp_path / "attention-s0" / "last.npz").stat().st_mtime
+    assert exp.main(["--out", str(tmp_path), "--data", str(FLICKR8K), "--runs", "attention,ens-attention-scst",
+                     "--train-images", "40", "--val-images", "10", "--no-meteor"]) == 0
+    assert (tmp_path / "attention-s0" / "last.npz").stat().st_mtime == before
