@@ -27,6 +27,7 @@ class ModelConfig:
     vocab_size: int = 0
     attention_dim: int = 256
     attention_reg: float = 1.0
+    deep_output: bool = False        # attention: tanh(x, h, context) before the vocabulary
     heads: int = 8                   # transformer: attention heads
     layers: int = 2                  # transformer: decoder layers
     ffn_dim: int = 2048              # transformer: feed-forward width

@@ -154,6 +154,62 @@ def test_sequence_layer_equals_loop_of_steps():
         np.testing.assert_allclose(seq[4][n], dpc[0], rtol=1e-9, atol=1e-12)      # dc0
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_attention_lstm_step_gradients_through_the_context(k):
+    """A deep output layer reads the step's gated context: its gradient flows back too."""
+    r = np.random.default_rng(50 + k)
+    args = _step_args(r, k=k)
+    h, c, alpha, cache = L.attention_lstm_step_forward(**args)
+    ctx = L.attention_context(cache)
+    assert ctx.shape == (N * k, D)
+    dh, dc, dctx = _rand(r, *h.shape), _rand(r, *c.shape), _rand(r, *ctx.shape)
+    grads = L.attention_lstm_step_backward(dh, dc, None, cache, dcontext=dctx)
+    names = ["x", "prev_h", "prev_c", "a", "proj", "Wx", "Wz", "Wh", "bh", "w"]
+
+    def f():
+        h, c, _, cache = L.attention_lstm_step_forward(**args)
+        return np.concatenate([h.ravel(), c.ravel(), L.attention_context(cache).ravel()])
+
+    check_gradients(f, args, dict(zip(names, grads)),
+                    dout=np.concatenate([dh.ravel(), dc.ravel(), dctx.ravel()]))
+
+
+@pytest.mark.parametrize("lengths", [None, [4, 1, 3], [0, 2, 4]])
+def test_attention_lstm_sequence_gradients_through_the_context(lengths):
+    r = np.random.default_rng(60)
+    args = _seq_args(r)
+    h, alpha, cache = L.attention_lstm_forward(**args, lengths=lengths)
+    ctx = L.attention_context(cache)
+    assert ctx.shape == (N, T, D)
+    if lengths is not None:  # past a sequence's end there is no context
+        for n, length in enumerate(lengths):
+            assert not ctx[n, length:].any() and ctx[n, :length].all()
+    dh, dal, dctx = _rand(r, *h.shape), _rand(r, *alpha.shape), _rand(r, *ctx.shape)
+    grads = L.attention_lstm_backward(dh, dal, cache, dcontext=dctx)
+    names = ["x", "a", "proj", "h0", "c0", "Wx", "Wz", "Wh", "bh", "w"]
+
+    def f():
+        h, alpha, cache = L.attention_lstm_forward(**args, lengths=lengths)
+        return np.concatenate([h.ravel(), alpha.ravel(), L.attention_context(cache).ravel()])
+
+    check_gradients(f, args, dict(zip(names, grads)),
+                    dout=np.concatenate([dh.ravel(), dal.ravel(), dctx.ravel()]))
+
+
+def test_sequence_context_equals_the_steps_contexts():
+    r = np.random.default_rng(70)
+    args = _seq_args(r)
+    h, alpha, cache = L.attention_lstm_forward(**args, lengths=[3, 4, 1])
+    ctx = L.attention_context(cache)
+    weights = {k: args[k] for k in ("Wx", "Wz", "Wh", "bh", "w")}
+    ph, pc = args["h0"], args["c0"]
+    for t in range(T):
+        ph, pc, _, c = L.attention_lstm_step_forward(args["x"][:, t], ph, pc, args["a"], args["proj"], **weights)
+        for n, length in enumerate([3, 4, 1]):
+            if t < length:
+                np.testing.assert_allclose(ctx[n, t], L.attention_context(c)[n], rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_attention_layers_keep_inputs_and_dtype(dtype):
     r = np.random.default_rng(40)

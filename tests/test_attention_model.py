@@ -50,7 +50,24 @@ def test_params_names_and_shapes():
 
 
 CONFIGS = {"plain": {"attention_reg": 0.0}, "penalty": {"attention_reg": 1.0},
-           "dropout": {"dropout": 0.3, "attention_reg": 0.5}, "smoothing": {"label_smoothing": 0.1}}
+           "dropout": {"dropout": 0.3, "attention_reg": 0.5}, "smoothing": {"label_smoothing": 0.1},
+           "deep-output": {"deep_output": True},
+           "deep-output-dropout": {"deep_output": True, "dropout": 0.3, "attention_reg": 0.5}}
+
+
+def test_deep_output_params_and_config():
+    m = AttentionCaptioningModel(V, D, W, H, attention_dim=A, seed=0, deep_output=True)
+    shapes = {k: v.shape for k, v in m.params.items()}
+    assert {k: shapes[k] for k in ("Wo_x", "Wo_h", "Wo_z", "b_o")} == {
+        "Wo_x": (W, H), "Wo_h": (H, H), "Wo_z": (D, H), "b_o": (H,)}
+    assert len(shapes) == 15 and shapes["W_vocab"] == (H, V)
+    again = AttentionCaptioningModel.from_config(m.config())
+    assert again.deep_output and set(again.params) == set(m.params)
+    # the layer only adds: the other parameters are the plain model's for the same seed
+    plain = AttentionCaptioningModel(V, D, W, H, attention_dim=A, seed=0)
+    assert not plain.deep_output and "Wo_h" not in plain.params
+    for k, v in plain.params.items():
+        np.testing.assert_array_equal(m.params[k], v, err_msg=k)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -120,8 +137,9 @@ def _teacher_forced_scores(m, maps, caps):
     return h @ p["W_vocab"] + p["b_vocab"]
 
 
-def test_step_follows_the_training_forward():
-    m = small_attention_model()
+@pytest.mark.parametrize("deep", [False, True])
+def test_step_follows_the_training_forward(deep):
+    m = small_attention_model(deep_output=deep)
     maps, caps = small_maps()
     want = _teacher_forced_scores(m, maps, caps)
     state = m.init_state(maps)

@@ -219,3 +219,30 @@ def test_the_wrong_kind_of_features_is_one_clear_line(attention_run, flickr_subs
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and "Traceback" not in "\n".join(err)
         assert str(features) in err[-1] and "--maps" in err[-1]
+
+
+@pytest.mark.flickr8k
+def test_deep_output_through_the_commands(attention_run, tmp_path, capsys):
+    """`rnncap train --deep-output`: recorded in the checkpoint, rebuilt by `rnncap
+    caption` (step = the training forward is tested in test_attention_model); only the
+    attention model takes it, as one clear line."""
+    from rnncap.checkpoint import load_checkpoint
+    from rnncap.inference.sample import Captioner
+
+    data, maps, _ = attention_run
+    out = tmp_path / "deep"
+    assert main(["train", "--data", str(data), "--features", str(maps), "--out", str(out),
+                 "--model", "attention", "--deep-output", "--hidden", "32", "--wordvec", "16",
+                 "--attention-dim", "16", "--epochs", "1", "--batch-size", "100", "--quiet"]) == 0
+    ckpt = load_checkpoint(out / "last.npz")
+    assert ckpt.configs["model"]["deep_output"] and ckpt.model.deep_output
+    assert ckpt.model.params["Wo_z"].shape == (64, 32)
+    photos = sorted(str(p) for p in (FULLSIZE / "images").glob("*.jpg"))[:1]
+    if photos:
+        caption = Captioner.from_checkpoint(out / "last.npz").caption(photos[0])
+        assert isinstance(caption, str) and caption
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--features", str(maps), "--out", str(tmp_path / "h0"),
+                 "--deep-output", "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "rnncap train: error: --deep-output is the attention model's; --model is h0"

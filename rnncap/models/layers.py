@@ -623,8 +623,10 @@ def _attention_cell_forward(xw, prev_h, prev_c, a, proj, Wz, Wh, bh, w):
     return next_h, next_c, alpha, (zg, z, beta, att, cell)
 
 
-def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz, need_da=True):
-    """Backward of ``_attention_cell_forward`` up to its matmul inputs.
+def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz, need_da=True, dcontext=None):
+    """Backward of ``_attention_cell_forward`` up to its matmul inputs. dcontext: (n, D)
+    upstream gradient of the gated context beta * z itself (a deep output layer
+    reads it), or None.
 
     Returns dgates (n, 4H) (the gradient of xw), dq (n, 4H + A + 1) (of h_{t-1} @ Wh
     + bh), dprev_c (n, H), dproj (M, L, A), da (M, L, D) (None unless ``need_da``),
@@ -635,6 +637,8 @@ def _attention_cell_backward(dnext_h, dnext_c, dalpha, kcache, Wz, need_da=True)
     xp = get_array_module(dnext_h, Wz)
     dgates, dprev_c = _lstm_cell_backward(dnext_h, dnext_c, cell)
     dzg = dgates @ Wz.T                                      # (n, D)
+    if dcontext is not None:
+        dzg += dcontext
     dbeta = (dzg * z).sum(axis=1, keepdims=True)
     dbeta *= beta * (1.0 - beta)                             # through the sigmoid
     dzg *= beta                                              # now dz
@@ -655,14 +659,16 @@ def attention_lstm_step_forward(x, prev_h, prev_c, a, proj, Wx, Wz, Wh, bh, w):
     return next_h, next_c, alpha, (x, prev_h, Wx, Wz, Wh, kc)
 
 
-def attention_lstm_step_backward(dnext_h, dnext_c, dalpha, cache):
+def attention_lstm_step_backward(dnext_h, dnext_c, dalpha, cache, dcontext=None):
     """Backward of ``attention_lstm_step_forward``. dnext_h, dnext_c: (n, H); dalpha:
-    (n, L) or None.
+    (n, L) or None; dcontext: (n, D) gradient of the step's gated context
+    (``attention_context``), or None.
 
     Returns dx, dprev_h, dprev_c, da, dproj, dWx, dWz, dWh, dbh, dw.
     """
     x, prev_h, Wx, Wz, Wh, kc = cache
-    dgates, dq, dprev_c, dproj, da, dw, _ = _attention_cell_backward(dnext_h, dnext_c, dalpha, kc, Wz)
+    dgates, dq, dprev_c, dproj, da, dw, _ = _attention_cell_backward(dnext_h, dnext_c, dalpha, kc, Wz,
+                                                                     dcontext=dcontext)
     zg = kc[0]
     return (dgates @ Wx.T, dq @ Wh.T, dprev_c, da, dproj, x.T @ dgates, zg.T @ dgates,
             prev_h.T @ dq, dq.sum(axis=0), dw)
@@ -704,25 +710,69 @@ def attention_lstm_forward(x, a, proj, h0, c0, Wx, Wz, Wh, bh, w, lengths=None):
     h[pk.idx] = hs
     alpha = (xp.empty if pk.full else xp.zeros)((N * T, Lc), dtype=dtype)
     alpha[pk.idx] = alphas
-    cache = (pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj.shape)
+    cache = (pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj.shape, (N, T))
     return h.reshape(N, T, H), alpha.reshape(N, T, Lc), cache
 
 
-def attention_lstm_backward(dh, dalpha, cache):
-    """Backward of ``attention_lstm_forward``. dh: (N, T, H); dalpha: (N, T, L) or None.
+def deep_output_forward(x, h, z, Wox, Woh, Woz, bo):
+    """The deep output layer of Show, Attend and Tell (its eq. 7, with the tanh of the
+    authors' code) between the attention LSTM and the vocabulary projection:
+
+        o = tanh(x @ Wox + h @ Woh + z @ Woz + bo)
+
+    so that the next word is read from the word just fed in, the state and the
+    context together, not from h alone. x: (n, W) word vectors; h: (n, H) states;
+    z: (n, D) gated contexts (``attention_context``); Wox (W, E), Woh (H, E),
+    Woz (D, E), bo (E,). Returns o (n, E) and a cache.
+    """
+    xp = get_array_module(x, h, Woh)
+    o = x @ Wox
+    o += h @ Woh
+    o += z @ Woz
+    o += bo
+    xp.tanh(o, out=o)
+    return o, (x, h, z, Wox, Woh, Woz, o)
+
+
+def deep_output_backward(do, cache):
+    """Backward of ``deep_output_forward``. do: (n, E).
+    Returns dx (n, W), dh (n, H), dz (n, D), dWox, dWoh, dWoz, dbo."""
+    x, h, z, Wox, Woh, Woz, o = cache
+    da = do * (1.0 - o * o)                                  # through the tanh
+    return (da @ Wox.T, da @ Woh.T, da @ Woz.T, x.T @ da, h.T @ da, z.T @ da, da.sum(axis=0))
+
+
+def attention_context(cache):
+    """The gated context beta_t * z_t that entered the gates, from the cache of
+    ``attention_lstm_step_forward`` ((n, D)) or ``attention_lstm_forward`` ((N, T, D),
+    0 past a sequence's end): what a deep output layer reads besides h_t and x_t."""
+    if len(cache) == 6:                                      # one step
+        return cache[5][0]
+    pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj_shape, (N, T) = cache
+    xp = get_array_module(hprev)
+    out = (xp.empty if pk.full else xp.zeros)((N * T, a.shape[2]), dtype=hprev.dtype)
+    if kcaches:
+        out[pk.idx] = xp.concatenate([kc[0] for kc in kcaches], axis=0)
+    return out.reshape(N, T, a.shape[2])
+
+
+def attention_lstm_backward(dh, dalpha, cache, dcontext=None):
+    """Backward of ``attention_lstm_forward``. dh: (N, T, H); dalpha: (N, T, L) or None;
+    dcontext: (N, T, D) gradient of the gated contexts (``attention_context``), or None.
 
     The loop carries dh_{t-1} and dc_{t-1} and accumulates dproj; dx, dWx, dWz, dWh,
     dbh and da (sum_t alpha_t dz_t^T, a batched matmul over T) are formed after it.
     Returns dx (N, T, W), da (N, L, D), dproj (N, L, A), dh0 (N, H), dc0 (N, H),
     dWx, dWz, dWh, dbh, dw.
     """
-    pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj_shape = cache
+    pk, xs, hprev, a, Wx, Wz, Wh, kcaches, proj_shape, _ = cache
     xp = get_array_module(dh, Wx)
     N, T, H = dh.shape
     Lc, D = a.shape[1], a.shape[2]
     dtype = hprev.dtype
     dhs = dh.reshape(N * T, H)[pk.idx]
     dal = None if dalpha is None else dalpha.reshape(N * T, Lc)[pk.idx].astype(dtype, copy=False)
+    dzc = None if dcontext is None else dcontext.reshape(N * T, D)[pk.idx].astype(dtype, copy=False)
     P = dhs.shape[0]
     dgates_all = xp.empty((P, 4 * H), dtype=dtype)
     dq_all = xp.empty((P, Wh.shape[1]), dtype=dtype)
@@ -739,7 +789,8 @@ def attention_lstm_backward(dh, dalpha, cache):
         dh_t = dhs[blk] + dprev_h[:n]
         kc = kcaches[t]
         dg, dq, dc_prev, dproj_t, _, dw_t, dz = _attention_cell_backward(
-            dh_t, dc[:n], None if dal is None else dal[blk], kc, Wz, need_da=False)
+            dh_t, dc[:n], None if dal is None else dal[blk], kc, Wz, need_da=False,
+            dcontext=None if dzc is None else dzc[blk])
         dgates_all[blk], dq_all[blk], zgs[blk], dzs[blk] = dg, dq, kc[0], dz
         alphas[blk] = kc[3][0].reshape(n, Lc)
         dproj[:n] += dproj_t

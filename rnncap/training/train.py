@@ -68,6 +68,9 @@ def add_arguments(p):
                    help="A, the attention model's hidden size (default %(default)s)")
     g.add_argument("--attention-reg", type=nonneg_float, default=d[1].attention_reg,
                    help="lambda of the doubly stochastic attention penalty (default %(default)s)")
+    g.add_argument("--deep-output", action="store_true",
+                   help="attention: read each word from tanh(word vector, h, context) through one more "
+                        "layer, Show, Attend and Tell's deep output (default: from h)")
     g.add_argument("--heads", type=positive_int,
                    help=f"transformer: attention heads, dividing --hidden (default {tf['heads']})")
     g.add_argument("--layers", type=positive_int, default=d[1].layers,
@@ -209,11 +212,13 @@ def run(args):
                               max_length=args.max_length, too_long=args.too_long,
                               min_count=args.min_count, top_k=args.top_k,
                               standardize=args.standardize)
+        if args.deep_output and args.model != "attention":
+            raise RnncapError(f"--deep-output is the attention model's; --model is {args.model}")
         kind = KIND_DEFAULTS.get(args.model, {})
         model_fields = set(ModelConfig().__dict__)
         model_cfg = ModelConfig(model=args.model, cell_type=args.cell, label_smoothing=args.label_smoothing,
                                 attention_dim=args.attention_dim, attention_reg=args.attention_reg,
-                                layers=args.layers,
+                                deep_output=args.deep_output, layers=args.layers,
                                 **given_or_default(args, ("dropout", "wordvec_dim", "hidden_dim", "heads",
                                                           "ffn_dim"),
                                                    ModelConfig(**{k: v for k, v in kind.items()
