@@ -20,6 +20,12 @@ SIZES = {
     # Flickr8k (docs/attention.md): EfficientNet-Lite0's 7x7 map
     "attention": dict(T=16, L=49, D=512, W=256, H=512, A=256, V=2538),
     "tiny-attention": dict(T=5, L=4, D=12, W=8, H=10, A=6, V=17),
+    # the README's attention model on the last block's maps, at each grid of issue 21:
+    # EfficientNet-Lite0 at 224 px (7x7, 320 channels) and at 448 px (14x14), Lite2 at
+    # its own 260 px (9x9, 352 channels)
+    "attention-7x7": dict(T=16, L=49, D=320, W=512, H=512, A=256, V=2538),
+    "attention-9x9": dict(T=16, L=81, D=352, W=512, H=512, A=256, V=2538),
+    "attention-14x14": dict(T=16, L=196, D=320, W=512, H=512, A=256, V=2538),
     **transformer.SIZES,  # E 512, 8 heads, FFN 2048, 49 memory tokens (rnncap.bench.transformer)
 }
 NULL, START, END = 0, 1, 2
