@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -388,3 +391,40 @@ def test_memorises_fifty_captions(cell, target, max_iters):
     lengths, caps = fifty_captions(r, V, N)
     model = CaptioningModel(V, D, W, H, cell_type=cell, dtype=np.float32, seed=0)
     memorise(model, feats, caps, lengths, 5e-3, max_iters, target, cell)
+
+
+def test_overlapping_blas_limits_from_threads_restore_the_setting():
+    """Threads that enter and leave the one-thread BLAS limit in any order (a server's
+    workers, in-process ranks): each runs limited throughout, and the process gets its
+    setting back when the last one leaves. "A in, B in, A out, B out" with a limit per
+    thread left B unlimited after A left, then the process at 1 thread for good (the
+    sharded SCST tests skipped after the distributed ones). In a fresh process: this
+    OpenBLAS ignores a thread count set from another thread once the main thread has
+    set one."""
+    pytest.importorskip("threadpoolctl")
+    script = """
+import threading, numpy as np
+from rnncap.models.model import _blas_controller, _one_blas_thread
+ctl = _blas_controller()
+threads = lambda: max(lib.num_threads for lib in ctl.lib_controllers)
+start, seen = threads(), {}
+a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+def a():
+    with _one_blas_thread(np):
+        a_in.set(); b_in.wait(10); seen["A inside"] = threads()
+    a_out.set()
+def b():
+    a_in.wait(10)
+    with _one_blas_thread(np):
+        b_in.set(); a_out.wait(10); seen["B after A left"] = threads()
+workers = [threading.Thread(target=a), threading.Thread(target=b)]
+[w.start() for w in workers]; [w.join(20) for w in workers]
+print(start, seen["A inside"], seen["B after A left"], threads())
+"""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2", MKL_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    start, a_inside, b_after, end = map(int, r.stdout.split())
+    if start < 2:
+        pytest.skip("this BLAS runs one thread only")
+    assert (a_inside, b_after, end) == (1, 1, start)

@@ -11,6 +11,7 @@ on several cores.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -485,13 +486,38 @@ def _blas_controller():
     return _parallel["ctl"]
 
 
+_blas_limit = {"lock": threading.Lock(), "users": 0, "limiter": None}
+
+
+@contextmanager
 def _one_blas_thread(xp):
     """Context: NumPy's BLAS limited to one thread (a no-op off the CPU or without
-    threadpoolctl)."""
-    from contextlib import nullcontext
+    threadpoolctl).
 
+    The limit is process-wide, and threads (a server's workers, in-process ranks)
+    enter and leave it in any order. A plain nested limit per thread restores what it
+    found on entry, so "A in, B in, A out, B out" would leave B's saved 1 behind for
+    good. So the first thread in sets the limit, and the last one out restores what
+    the first found. (Measured with OpenBLAS 0.3.31: once the main thread has set a
+    count, a count set from another thread is ignored, so there the limit does not
+    hold; that thread's matmuls may use every BLAS thread.)"""
     ctl = _blas_controller() if xp is np else None
-    return ctl.limit(limits=1) if ctl is not None else nullcontext()
+    if ctl is None:
+        yield
+        return
+    state = _blas_limit
+    with state["lock"]:
+        if state["users"] == 0:
+            state["limiter"] = ctl.limit(limits=1)
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with state["lock"]:
+            state["users"] -= 1
+            if state["users"] == 0:
+                state["limiter"].restore_original_limits()
+                state["limiter"] = None
 
 
 def _shards(N, xp, min_rows=_MIN_SHARD_ROWS):
