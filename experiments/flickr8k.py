@@ -44,6 +44,7 @@ decoding rules), into OUT/<run>-s<seed>/ with the map cache in OUT/<features>.h5
   attention-448    the attention model on 14 x 14 maps (``--input-size 448``)
   attention-lite2  on EfficientNet-Lite2's 9 x 9 maps (its native 260 px)
   attention-reg0   without the doubly stochastic attention penalty
+  attention-deep   with the deep output layer (``--deep-output``)
 and the ensembles (``rnncap evaluate --checkpoint A B ... --ensemble logprob``) of
 their members at every seed asked for, into OUT/<ensemble>/:
   ens-attention-scst         attention-scst
@@ -100,6 +101,7 @@ COMMAND_RUNS = {  # name: (feature cache, `rnncap train` flags, the run it start
     "attention-448": ("maps-block-448", ["--model", "attention"], None),
     "attention-lite2": ("maps-block-lite2", ["--model", "attention"], None),
     "attention-reg0": ("maps-block", ["--model", "attention", "--attention-reg", "0"], None),
+    "attention-deep": ("maps-block", ["--model", "attention", "--deep-output"], None),
 }
 ENSEMBLES = {  # name: member runs, each at every seed asked for
     "ens-attention-scst": ["attention-scst"],
