@@ -40,6 +40,7 @@ decoding rules), into OUT/<run>-s<seed>/ with the map cache in OUT/<features>.h5
 (a cache already there, or a link to one, is used as it is):
   attention        ``--model attention`` (the README's best single recipe, with -scst)
   attention-scst   ``--scst --init OUT/attention-s<seed>/best.npz``
+  attention-scst-sample-rules  the same with ``--sample-rules`` (the sampler under the rules)
   transformer      ``--model transformer``; transformer-scst as attention-scst
   attention-448    the attention model on 14 x 14 maps (``--input-size 448``)
   attention-lite2  on EfficientNet-Lite2's 9 x 9 maps (its native 260 px)
@@ -47,9 +48,9 @@ decoding rules), into OUT/<run>-s<seed>/ with the map cache in OUT/<features>.h5
   attention-deep   with the deep output layer (``--deep-output``)
 and the ensembles (``rnncap evaluate --checkpoint A B ... --ensemble logprob``) of
 their members at every seed asked for, into OUT/<ensemble>/:
-  ens-attention-scst         attention-scst
-  ens-attention-scst+transformer    attention-scst and transformer
-  ens-attention+transformer  attention, attention-scst and transformer
+  ens-attention-scst                   attention-scst
+  ens-attention-scst+transformer       attention-scst and transformer
+  ens-attention-scst-both+transformer  attention-scst, attention-scst-sample-rules, transformer
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ MAP_FEATURES = {  # cache name: `rnncap features` flags
 COMMAND_RUNS = {  # name: (feature cache, `rnncap train` flags, the run it starts from)
     "attention": ("maps-block", ["--model", "attention"], None),
     "attention-scst": ("maps-block", ["--scst"], "attention"),
+    "attention-scst-sample-rules": ("maps-block", ["--scst", "--sample-rules"], "attention"),
     "transformer": ("maps-block", ["--model", "transformer"], None),
     "transformer-scst": ("maps-block", ["--scst"], "transformer"),
     "attention-448": ("maps-block-448", ["--model", "attention"], None),
@@ -106,7 +108,7 @@ COMMAND_RUNS = {  # name: (feature cache, `rnncap train` flags, the run it start
 ENSEMBLES = {  # name: member runs, each at every seed asked for
     "ens-attention-scst": ["attention-scst"],
     "ens-attention-scst+transformer": ["attention-scst", "transformer"],
-    "ens-attention+transformer": ["attention", "attention-scst", "transformer"],
+    "ens-attention-scst-both+transformer": ["attention-scst", "attention-scst-sample-rules", "transformer"],
 }
 # `rnncap evaluate` for every spatial row: the product's decoder (beam 3, its length
 # normalisation) with the decoding rules and trigram blocking on.
@@ -438,12 +440,18 @@ def run_ensemble(name, seeds, data, args):
     metrics = evaluate_command([Path(args.out) / f"{run}-s{seed}" / "best.npz" for run, seed in members],
                                [Path(args.out) / f"{COMMAND_RUNS[run][0]}.h5" for run, _ in members],
                                out_dir / "eval", data, args, ["--ensemble", "logprob"])
+    trained = {(r, seed) for run, seed in members for r in _chain(run)}  # the starts too, once each
     row = {"run": name, "seeds": list(seeds), "members": [f"{run}-s{seed}" for run, seed in members],
            "features": ",".join(sorted({COMMAND_RUNS[run][0] for run, _ in members})), "metrics": metrics,
-           "train_seconds": sum(_train_seconds(Path(args.out) / m) or 0.0
-                                for m in (f"{run}-s{seed}" for run, seed in members))}
+           "train_seconds": sum(_train_seconds(Path(args.out) / f"{r}-s{seed}") or 0.0 for r, seed in trained)}
     (out_dir / "command.json").write_text(json.dumps(row, indent=1))
     return row
+
+
+def _chain(run):
+    """The run and every run it starts from: what training it took."""
+    start = COMMAND_RUNS[run][2]
+    return [run, *(_chain(start) if start else [])]
 
 
 def evaluate_command(checkpoints, features, out_dir, data, args, extra=()):
@@ -453,7 +461,7 @@ def evaluate_command(checkpoints, features, out_dir, data, args, extra=()):
     from rnncap.cli import main as rnncap
 
     done = Path(out_dir) / "metrics.json"
-    if not done.is_file() or args.force:
+    if not _scored(done, checkpoints) or args.force:
         argv = ["evaluate", "--checkpoint", *map(str, checkpoints), "--features", *map(str, features),
                 "--data", data.captions_file, *EVALUATE_FLAGS, *extra, "--out", str(out_dir), "--json",
                 *([] if args.meteor else ["--no-meteor"])]
@@ -462,6 +470,17 @@ def evaluate_command(checkpoints, features, out_dir, data, args, extra=()):
             if rnncap(argv) != 0:
                 raise SystemExit(f"{Path(out_dir).parent.name}: rnncap evaluate failed")
     return json.loads(done.read_text())["summary"]
+
+
+def _scored(metrics_file, checkpoints):
+    """Whether ``metrics_file`` is `rnncap evaluate`'s scoring of exactly these
+    checkpoints, in this order."""
+    if not Path(metrics_file).is_file():
+        return False
+    run = json.loads(Path(metrics_file).read_text())["run"]
+    named = run.get("checkpoint")
+    named = [named] if isinstance(named, str) else named or []
+    return [os.path.realpath(str(p)) for p in named] == [os.path.realpath(str(p)) for p in checkpoints]
 
 
 def _train_seconds(out_dir):
@@ -598,7 +617,8 @@ def command_markdown(rows):
     rows = sorted(rows, key=lambda r: (order.get(r["run"], len(order)), r["seeds"]))
     lines = ["Val (all 5 references), COCO caption toolkit, `rnncap evaluate` with beam 3, the decoding "
              "rules and trigram blocking; defects: captions that end mid-phrase / repeat a word back to "
-             "back / repeat a trigram; train min: the run's epochs (an ensemble: its members' sum).", "",
+             "back / repeat a trigram; train min: the run's epochs (an ensemble: every run it took, the "
+             "cross-entropy starts of SCST members included).", "",
              "| run | seeds | features | " + " | ".join(COMMAND_KEYS) + " | defects | train min |",
              "|---" * (len(COMMAND_KEYS) + 5) + "|"]
 
@@ -608,16 +628,17 @@ def command_markdown(rows):
         return (f"| {run} | {seeds} | {feats} | " + " | ".join(cells) + f" | {defects} | "
                 + ("-" if not seconds else f"{seconds / 60:.1f}") + " |")
 
-    for r in rows:
+    for k, r in enumerate(rows):
         lines.append(line(r["run"], ",".join(map(str, r["seeds"])), r["features"], r["metrics"],
                           r["train_seconds"]))
-    for name in COMMAND_RUNS:  # a single model counts as the mean of its seeds
-        seeds = [r for r in rows if r["run"] == name]
-        if len(seeds) > 1:
-            mean = {k: float(np.mean([r["metrics"][k] for r in seeds]))
-                    for k in (*COMMAND_KEYS, *DEFECT_KEYS) if all(r["metrics"].get(k) is not None for r in seeds)}
-            times = [r["train_seconds"] for r in seeds if r["train_seconds"]]
-            lines.append(line(f"{name}, mean of seeds", ",".join(str(r["seeds"][0]) for r in seeds),
+        name = r["run"]
+        seeds = [q for q in rows if q["run"] == name]
+        if name in COMMAND_RUNS and len(seeds) > 1 and (k + 1 == len(rows) or rows[k + 1]["run"] != name):
+            # after a run's last seed: the mean of its seeds, how a single model counts
+            mean = {key: float(np.mean([q["metrics"][key] for q in seeds]))
+                    for key in (*COMMAND_KEYS, *DEFECT_KEYS) if all(q["metrics"].get(key) is not None for q in seeds)}
+            times = [q["train_seconds"] for q in seeds if q["train_seconds"]]
+            lines.append(line(f"{name}, mean of seeds", ",".join(str(q["seeds"][0]) for q in seeds),
                               seeds[0]["features"], mean, float(np.mean(times)) if times else None))
     ensembles = [r for r in rows if r["run"] in ENSEMBLES or len(r["members"]) > 1]
     if ensembles:
