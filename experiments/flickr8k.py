@@ -43,7 +43,7 @@ decoding rules), into OUT/<run>-s<seed>/ with the map cache in OUT/<features>.h5
   attention-scst-sample-rules  the same with ``--sample-rules`` (the sampler under the rules)
   transformer      ``--model transformer``; transformer-scst as attention-scst
   attention-448    the attention model on 14 x 14 maps (``--input-size 448``)
-  attention-lite2  on EfficientNet-Lite2's 9 x 9 maps (its native 260 px)
+  attention-lite2  on EfficientNet-Lite2's 9 x 9 maps (its native 260 px); -scst as above
   attention-reg0   without the doubly stochastic attention penalty
   attention-deep   with the deep output layer (``--deep-output``)
 and the ensembles (``rnncap evaluate --checkpoint A B ... --ensemble logprob``) of
@@ -51,6 +51,9 @@ their members at every seed asked for, into OUT/<ensemble>/:
   ens-attention-scst                   attention-scst
   ens-attention-scst+transformer       attention-scst and transformer
   ens-attention-scst-both+transformer  attention-scst, attention-scst-sample-rules, transformer
+  ens-attention-scst+lite2             attention-scst, attention-lite2-scst s0, attention-lite2 s1
+  ens-attention-scst+transformer+lite2 the same and transformer
+(a member given with its seed is that seed alone, whatever --seeds says).
 """
 from __future__ import annotations
 
@@ -102,6 +105,7 @@ COMMAND_RUNS = {  # name: (feature cache, `rnncap train` flags, the run it start
     "transformer-scst": ("maps-block", ["--scst"], "transformer"),
     "attention-448": ("maps-block-448", ["--model", "attention"], None),
     "attention-lite2": ("maps-block-lite2", ["--model", "attention"], None),
+    "attention-lite2-scst": ("maps-block-lite2", ["--scst"], "attention-lite2"),
     "attention-reg0": ("maps-block", ["--model", "attention", "--attention-reg", "0"], None),
     "attention-deep": ("maps-block", ["--model", "attention", "--deep-output"], None),
 }
@@ -109,6 +113,10 @@ ENSEMBLES = {  # name: member runs, each at every seed asked for
     "ens-attention-scst": ["attention-scst"],
     "ens-attention-scst+transformer": ["attention-scst", "transformer"],
     "ens-attention-scst-both+transformer": ["attention-scst", "attention-scst-sample-rules", "transformer"],
+    # with the Lite2 9 x 9 models (issue 21 §2): seed 0 after SCST, seed 1 after cross-entropy
+    "ens-attention-scst+lite2": ["attention-scst", ("attention-lite2-scst", 0), ("attention-lite2", 1)],
+    "ens-attention-scst+transformer+lite2": ["attention-scst", "transformer", ("attention-lite2-scst", 0),
+                                             ("attention-lite2", 1)],
 }
 # `rnncap evaluate` for every spatial row: the product's decoder (beam 3, its length
 # normalisation) with the decoding rules and trigram blocking on.
@@ -432,7 +440,8 @@ def run_command(name, seed, data, args):
 def run_ensemble(name, seeds, data, args):
     """ENSEMBLES[name] over ``seeds``: its members trained if needed (run_command), then
     `rnncap evaluate --ensemble logprob` of them all into OUT/<name>/."""
-    members = [(run, seed) for run in ENSEMBLES[name] for seed in seeds]
+    members = [m for run in ENSEMBLES[name] for m in ([run] if isinstance(run, tuple)  # (run, its seed)
+                                                       else [(run, seed) for seed in seeds])]
     for run, seed in members:
         if not (Path(args.out) / f"{run}-s{seed}" / "command.json").is_file() or args.force:
             run_command(run, seed, data, args)
