@@ -53,6 +53,9 @@ their members at every seed asked for, into OUT/<ensemble>/:
   ens-attention-scst-both+transformer  attention-scst, attention-scst-sample-rules, transformer
   ens-attention-scst+lite2             attention-scst, attention-lite2-scst s0, attention-lite2 s1
   ens-attention-scst+transformer+lite2 the same and transformer
+  ens-attention-scst+lite2-scst        attention-scst and attention-lite2-scst
+  ens-attention-scst+lite2-both        those and attention-lite2
+  ens-lite2-both                       attention-lite2-scst and attention-lite2 (one feature cache)
 (a member given with its seed is that seed alone, whatever --seeds says).
 """
 from __future__ import annotations
@@ -117,6 +120,10 @@ ENSEMBLES = {  # name: member runs, each at every seed asked for
     "ens-attention-scst+lite2": ["attention-scst", ("attention-lite2-scst", 0), ("attention-lite2", 1)],
     "ens-attention-scst+transformer+lite2": ["attention-scst", "transformer", ("attention-lite2-scst", 0),
                                              ("attention-lite2", 1)],
+    # every member after SCST, both grids; then with the Lite2 cross-entropy models too
+    "ens-attention-scst+lite2-scst": ["attention-scst", "attention-lite2-scst"],
+    "ens-attention-scst+lite2-both": ["attention-scst", "attention-lite2-scst", "attention-lite2"],
+    "ens-lite2-both": ["attention-lite2-scst", "attention-lite2"],  # one feature cache
 }
 # `rnncap evaluate` for every spatial row: the product's decoder (beam 3, its length
 # normalisation) with the decoding rules and trigram blocking on.
