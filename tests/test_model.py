@@ -400,7 +400,9 @@ def test_overlapping_blas_limits_from_threads_restore_the_setting():
     thread left B unlimited after A left, then the process at 1 thread for good (the
     sharded SCST tests skipped after the distributed ones). In a fresh process: this
     OpenBLAS ignores a thread count set from another thread once the main thread has
-    set one."""
+    set one, and a raise from one thread while the thread that lowered the count is
+    still alive (so B leaves after A's thread has ended; without that the end state
+    depended on which came first, 1 run in 3)."""
     pytest.importorskip("threadpoolctl")
     script = """
 import threading, numpy as np
@@ -417,6 +419,7 @@ def b():
     a_in.wait(10)
     with _one_blas_thread(np):
         b_in.set(); a_out.wait(10); seen["B after A left"] = threads()
+        workers[0].join(10)  # A's thread gone: OpenBLAS ignores a raise while it lives
 workers = [threading.Thread(target=a), threading.Thread(target=b)]
 [w.start() for w in workers]; [w.join(20) for w in workers]
 print(start, seen["A inside"], seen["B after A left"], threads())

@@ -500,7 +500,9 @@ def _one_blas_thread(xp):
     good. So the first thread in sets the limit, and the last one out restores what
     the first found. (Measured with OpenBLAS 0.3.31: once the main thread has set a
     count, a count set from another thread is ignored, so there the limit does not
-    hold; that thread's matmuls may use every BLAS thread.)"""
+    hold; that thread's matmuls may use every BLAS thread. And a raise from one thread
+    is ignored while the thread that lowered the count is still alive, so a restore
+    by the last thread out holds only once the first one's thread has ended.)"""
     ctl = _blas_controller() if xp is np else None
     if ctl is None:
         yield
