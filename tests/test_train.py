@@ -209,11 +209,16 @@ def test_adam_matches_reference_and_is_pure():
     assert not np.array_equal(w, w0)
 
 
-def test_adam_keeps_the_bits_of_its_plain_expression_and_its_inputs():
-    # The rule writes into fresh arrays with out=; it must give exactly what the
-    # expressions give in float32, and leave w, dw and the state's arrays alone.
+@pytest.mark.parametrize("shape, layout", [((7, 5), "C"), ((300, 250), "C"), ((300, 250), "F"),
+                                           ((300, 500), "strided")])
+def test_adam_keeps_the_bits_of_its_plain_expression_and_its_inputs(shape, layout):
+    # The rule writes into fresh arrays with out=, a cache-sized chunk at a time; it
+    # must give exactly what the expressions give in float32, for a parameter smaller
+    # than a chunk, one of several chunks and a part-chunk (75,000 numbers), and one
+    # that is not C-contiguous; and leave w, dw and the state's arrays alone.
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((7, 5)).astype(np.float32)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w = {"C": w, "F": np.asfortranarray(w), "strided": w[:, ::2]}[layout]
     state, m, v, ref = {}, np.zeros_like(w), np.zeros_like(w), w.copy()
     f = np.float32
     for t in range(1, 5):

@@ -299,16 +299,19 @@ def _recurrent_backward(dh, cache, cell_backward):
     dtype = hs.dtype
     dhs = dh.reshape(N * T, H)[pk.idx]
     da = xp.empty((P, kH), dtype=dtype)
-    # Rows n_{t+1}..n_t (sequences whose last step is t) stay zero until block t.
-    dprev_h = xp.zeros((N, H), dtype=dtype)
+    # dprev_h is kept transposed, (H, N), so that the loop's matmul is Wh @ da_t.T,
+    # reading Wh as it is stored: BLAS packs it for each call, and packing a
+    # transposed Wh (da_t @ Wh.T) made the loop 40% slower (docs/performance.md).
+    # Columns n_{t+1}..n_t (sequences whose last step is t) stay zero until block t.
+    dprev_hT = xp.zeros((H, N), dtype=dtype)
     dh_t = xp.empty((N, H), dtype=dtype)
-    WhT = Wh.T
     for t in range(len(pk.blocks) - 1, -1, -1):
         off, n = pk.blocks[t]
         blk = slice(off, off + n)
-        xp.add(dhs[blk], dprev_h[:n], out=dh_t[:n])
+        xp.add(dhs[blk], dprev_hT[:, :n].T, out=dh_t[:n])
         cell_backward(dh_t[:n], t, blk, da[blk])
-        xp.matmul(da[blk], WhT, out=dprev_h[:n])
+        xp.matmul(Wh, da[blk].T, out=dprev_hT[:, :n])
+    dprev_h = xp.ascontiguousarray(dprev_hT.T)
     dx = (xp.empty if pk.full else xp.zeros)((N * T, D), dtype=dtype)
     dx[pk.idx] = da @ Wx.T
     dWx = xs.T @ da

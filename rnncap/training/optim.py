@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..backend import get_array_module
 
 
@@ -30,32 +32,51 @@ def adam(w, dw, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
     """
     xp = get_array_module(w)
     t = int(state.get("t", 0)) + 1
-    m = state.get("m")
-    v = state.get("v")
-    if m is None:
-        m = xp.zeros_like(w)
-        v = xp.zeros_like(w)
+    m_old, v_old = state.get("m"), state.get("v")
     dt = w.dtype.type
-    # m = b1 m + (1 - b1) dw;  v = b2 v + (1 - b2) dw^2;  w - step m / (sqrt(v) + eps),
-    # with the same operations in the same order as those expressions (so the same
-    # bits), but three new arrays and one scratch instead of twelve temporaries: the
-    # rule is memory-bound, and every fresh array costs its page faults.
-    scratch = xp.multiply(dw, dt(1.0 - beta1))
-    m = xp.multiply(m, dt(beta1))
-    m += scratch
-    xp.multiply(dw, dw, out=scratch)
-    scratch *= dt(1.0 - beta2)
-    v = xp.multiply(v, dt(beta2))
-    v += scratch
     # Fold both bias corrections into one step size (a scalar) rather than two
     # extra full-size arrays.
-    step = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-    xp.sqrt(v, out=scratch)
-    scratch += dt(eps)
-    w_new = xp.multiply(m, dt(step))
-    w_new /= scratch
-    xp.subtract(w, w_new, out=w_new)
+    step = dt(lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t))
+    m, v, w_new = (xp.empty(w.shape, dtype=w.dtype) for _ in range(3))  # C order: flat views
+    flat = [None if a is None else a.reshape(-1) for a in (w, dw, m_old, v_old, m, v, w_new)]
+    # The rule is a dozen passes over arrays of up to millions of numbers. Done whole,
+    # every pass streams them from memory; done a chunk at a time (on the CPU), each
+    # chunk stays in the core's cache for all of them: 30% less time for the
+    # coco-sized LSTM's parameters (docs/performance.md). A GPU takes each whole.
+    chunk = _ADAM_CHUNK if xp is np else max(w.size, 1)
+    scratch = xp.empty(min(chunk, w.size), dtype=w.dtype)
+    for lo in range(0, w.size, chunk):
+        rows = slice(lo, lo + chunk)
+        w_c, dw_c, m_old_c, v_old_c, m_c, v_c, w_new_c = (
+            None if a is None else a[rows] for a in flat)
+        s = scratch[:len(w_c)]
+        # m = b1 m + (1 - b1) dw;  v = b2 v + (1 - b2) dw^2;  w - step m / (sqrt(v) + eps),
+        # with the same operations in the same order as those expressions (so the
+        # same bits), written into the results instead of temporaries.
+        xp.multiply(dw_c, dt(1.0 - beta1), out=s)
+        _scaled_or_zero(m_old_c, dt(beta1), m_c, xp)
+        m_c += s
+        xp.multiply(dw_c, dw_c, out=s)
+        s *= dt(1.0 - beta2)
+        _scaled_or_zero(v_old_c, dt(beta2), v_c, xp)
+        v_c += s
+        xp.sqrt(v_c, out=s)
+        s += dt(eps)
+        xp.multiply(m_c, step, out=w_new_c)
+        w_new_c /= s
+        xp.subtract(w_c, w_new_c, out=w_new_c)
     return w_new, {"m": m, "v": v, "t": t}
+
+
+_ADAM_CHUNK = 32768  # numbers per chunk: the rule's seven arrays of it take 0.9 MB, cache-sized
+
+
+def _scaled_or_zero(a, factor, out, xp):
+    """out = a * factor, or zeros when there is no ``a`` yet (the first update)."""
+    if a is None:
+        out.fill(0)
+    else:
+        xp.multiply(a, factor, out=out)
 
 
 RULES = {"adam": adam, "sgd": sgd_momentum}
