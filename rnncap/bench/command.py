@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from ..backend import xp_for
+from ..backend import retain_freed_memory, xp_for
 from ..errors import RnncapError
 from . import measure, transformer
 from .workloads import SIZES
@@ -112,6 +112,9 @@ def _run(args):
     if args.device == "gpu":
         xp_for("gpu")  # a clear error when CuPy or the GPU is missing
     info = measure.machine_info()
+    if args.device == "cpu":
+        # as ``rnncap train`` does; torch's side runs in this process and gains as well
+        info["retain_freed_memory"] = retain_freed_memory()
     threads = info["blas"]["threads"]
     if with_torch:
         try:
@@ -210,6 +213,8 @@ def _print_header(r):
     if "torch" in m:
         print(f"torch {m['torch']}: threads={m['torch_threads']}")
     print(f"size {r['size']} {r['dims']} float32, device {r['device']}")
+    if m.get("retain_freed_memory"):
+        print("glibc keeps freed memory for reuse, as rnncap's trainer asks, for both sides")
     if "rnncap_shards" in r:
         print("rnncap runs BLAS single-threaded, a batch in shards side by side; training: "
               + ", ".join(f"N={n} {k} shard{'s' * (k > 1)}" for n, k in r["rnncap_shards"].items())

@@ -25,6 +25,7 @@ import time
 import numpy as np
 
 from . import optim
+from ..backend import get_array_module, retain_freed_memory
 from ..config import DataConfig, TrainConfig
 from ..errors import RnncapError, TrainingDiverged
 
@@ -63,6 +64,8 @@ class Trainer:
         if cfg.optimizer not in optim.RULES:
             raise RnncapError(f"optimizer must be one of {sorted(optim.RULES)}, got {cfg.optimizer!r}")
         self.model, self.cfg = model, cfg
+        if get_array_module(*model.params.values()) is np:
+            retain_freed_memory()  # each step frees and allocates the same arrays again
         self.train_data, self.val_data = train, val
         self.out_dir = out_dir
         self.checkpoint_fn = checkpoint_fn
