@@ -198,7 +198,11 @@ def test_in_shards_splits_independent_rows_and_never_nests():
     assert sorted(seen) == [20, 20] and len(parts) == 2
     np.testing.assert_array_equal(np.concatenate(parts), greedy_decode(m, features, max_length=6))
     with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        assert len(m.in_shards(len, features[:31])) == 1  # under 2 x min_rows: whole
+        assert len(m.in_shards(len, features[:15])) == 1  # under 2 x min_rows (8): whole
+        assert len(m.in_shards(len, features[:16])) == 2
+        m._min_decode_rows = 16                           # a model's own setting
+        assert len(m.in_shards(len, features[:31])) == 1
+        assert len(m.in_shards(len, features[:31], min_rows=4)) == 2  # the caller's first
 
 
 def test_decoders_in_shards_match_one_piece():

@@ -171,15 +171,14 @@ class Captioner:
         return top["caption"], top["attention"]
 
     def caption_many(self, images, beam=None, max_length=None, batch_size=16, length_norm=None):
-        """Captions of ``images``, ``batch_size`` at a time; a thread encodes the next
-        batch while this one is decoded (see ``ahead``)."""
-        import contextlib
-
-        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+        """Captions of ``images``, ``batch_size`` at a time: each batch is encoded (the
+        encoder reads its photos ahead) and then decoded, both on every core. Encoding
+        the next batch while this one decodes made both compete for the cores and was
+        slower once the decoder used them all (docs/performance.md)."""
         out = []
-        with contextlib.closing(ahead(self.features, batches)) as encoded:
-            for feats in encoded:
-                out += self.caption_features(feats, beam=beam, max_length=max_length, length_norm=length_norm)
+        for i in range(0, len(images), batch_size):
+            out += self.caption_features(self.features(images[i:i + batch_size]), beam=beam,
+                                         max_length=max_length, length_norm=length_norm)
         return out
 
     def caption_details(self, images, beam=None, n=1, length_norm=None, max_length=None,
@@ -222,22 +221,6 @@ class Captioner:
                 entries.append(entry)
             out.append(entries)
         return out
-
-
-def ahead(fn, batches):
-    """Yield ``fn(batch)`` for each of ``batches``, computing the next one in a thread
-    meanwhile: the encoder (torch, on every core) works on the next photos while the
-    decoder (NumPy, one thread at caption batch sizes) writes this batch's captions.
-    A ``DataError`` is raised in its batch's turn."""
-    import contextlib
-
-    from ..data.images import read_ahead
-
-    with contextlib.closing(read_ahead(fn, batches, 1, workers=1)) as results:
-        for [result] in results:
-            if isinstance(result, Exception):
-                raise result
-            yield result
 
 
 def _member_encoder(path, ckpt, weights, shared):
@@ -336,8 +319,6 @@ def _write_attention_figure(cap, image, path, args):
 
 
 def run(args):
-    import contextlib
-
     from ..errors import DataError
     from ..data.images import load_image
 
@@ -355,8 +336,8 @@ def run(args):
     figures = dict(zip(args.photos, attention_paths(args.attention, args.photos))) if args.attention else {}
     results, failed = [], 0
     # Photos are read one by one, so that a bad one costs only its own caption, then
-    # encoded and decoded --batch-size at a time; the output keeps the arguments' order.
-    # The next batch is read and encoded while this one is decoded.
+    # encoded and decoded --batch-size at a time (as ``Captioner.caption_many``); the
+    # output keeps the arguments' order.
     def read_and_encode(batch):
         images = []
         for path in batch:
@@ -369,20 +350,19 @@ def run(args):
         return batch, images, plain, cap.features([images[i] for i in plain]) if plain else None
 
     batches = (args.photos[i:i + args.batch_size] for i in range(0, len(args.photos), args.batch_size))
-    with contextlib.closing(ahead(read_and_encode, batches)) as encoded:
-        for batch, images, plain, feats in encoded:
-            captions = dict(zip(plain, cap.caption_features(
-                feats, beam=args.beam, max_length=args.max_length, length_norm=args.length_norm))) if plain else {}
-            for i, (path, image) in enumerate(zip(batch, images)):
-                if isinstance(image, DataError):
-                    print(f"rnncap caption: error: {image}", file=sys.stderr)
-                    failed += 1
-                    continue
-                caption = captions[i] if i in captions else _write_attention_figure(cap, image, figures[path], args)
-                if args.json:
-                    results.append({"photo": path, "caption": caption})
-                else:
-                    print(f"{path}\t{caption}", flush=True)
+    for batch, images, plain, feats in map(read_and_encode, batches):
+        captions = dict(zip(plain, cap.caption_features(
+            feats, beam=args.beam, max_length=args.max_length, length_norm=args.length_norm))) if plain else {}
+        for i, (path, image) in enumerate(zip(batch, images)):
+            if isinstance(image, DataError):
+                print(f"rnncap caption: error: {image}", file=sys.stderr)
+                failed += 1
+                continue
+            caption = captions[i] if i in captions else _write_attention_figure(cap, image, figures[path], args)
+            if args.json:
+                results.append({"photo": path, "caption": caption})
+            else:
+                print(f"{path}\t{caption}", flush=True)
     if args.json:
         print(json.dumps(results, indent=1))
     return 1 if failed else 0

@@ -351,7 +351,7 @@ class CaptioningModel:
     def in_shards(self, fn, features, min_rows=None):
         """Call ``fn(part)`` on row shards of ``features`` side by side and return the
         results in order: one shard per BLAS thread NumPy would use, each at least
-        ``min_rows`` rows (default 16), each on its own thread with single-threaded
+        ``min_rows`` rows (default 8), each on its own thread with single-threaded
         BLAS; a single call ``[fn(features)]`` when the batch is too small to split, on
         a GPU, or when already inside a sharded call.
 
@@ -359,7 +359,9 @@ class CaptioningModel:
         per call, not once per step (see the end of this module).
         """
         return _map_shards(lambda s: fn(features[s]), len(features), self.xp,
-                           _MIN_DECODE_ROWS if min_rows is None else min_rows)
+                           min_rows or self._min_decode_rows or _MIN_DECODE_ROWS)
+
+    _min_decode_rows = None  # in_shards' default rows per shard; None: _MIN_DECODE_ROWS
 
     def sample(self, features, max_length=30):
         """Greedy captions: (N, max_length) int ids, without <START>, padded with
@@ -439,7 +441,8 @@ def _common_args(model_cfg, vocab, seed):
 # same time should each run under their own threadpoolctl limit of 1.
 
 _MIN_SHARD_ROWS = 25   # N = 50 splits in two: 1.5x faster than one shard (docs/performance.md)
-_MIN_DECODE_ROWS = 16  # in_shards' default: decoding splits need no such margin
+_MIN_DECODE_ROWS = 8   # in_shards' default: a caption batch of 16 photos decodes on both
+                       # cores (beam 3: 189 -> 126 ms for 2 x 16 photos; docs/performance.md)
 _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
 _parallel_state = threading.local()  # .inside: this thread is running a shard
 
