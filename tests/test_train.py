@@ -98,7 +98,8 @@ def test_the_moving_average_follows_the_weights_and_is_what_is_validated_and_kep
     steps = []
     t_plain = make_trainer(plain, data, vocab, tmp_path / "plain", TrainConfig(**base))
     step = t_plain.step
-    t_plain.step = lambda rows, lr: (step(rows, lr), steps.append(dict(plain.params)))[0]
+    # copies: the trainer's update writes over the model's arrays
+    t_plain.step = lambda rows, lr: (step(rows, lr), steps.append({k: v.copy() for k, v in plain.params.items()}))[0]
     t_plain.fit()
     expected = dict(start)
     d = np.float32(0.7)
@@ -254,6 +255,35 @@ def test_update_all_gives_the_same_bits_as_one_by_one(rule):
         assert np.array_equal(together[k], one[k]), k
         for key, a in one_states[k].items():
             assert np.array_equal(states[k][key], a), (k, key)
+
+
+def test_update_all_in_place_gives_the_same_bits_over_the_callers_own_arrays():
+    """in_place: Adam's results go over the parameters and their m and v from the
+    second step on (the first has no m and v yet); the numbers are the pure rule's.
+    Arrays it may not write (read-only, not contiguous) get fresh ones instead."""
+    rng = np.random.default_rng(3)
+    shapes = {"big": (300, 250), "b": (60,), "frozen": (20, 30), "strided": (40, 60)}
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)]
+    pure, pure_states = {k: a.copy() for k, a in start.items()}, {k: {} for k in shapes}
+    own, own_states = {k: a.copy() for k, a in start.items()}, {k: {} for k in shapes}
+    own["strided"] = np.ascontiguousarray(own["strided"].T).T  # the same values, F order
+    for step, g in enumerate(grads):
+        own["frozen"].flags.writeable = False
+        before = dict(own)
+        new, own_states = optim.update_all(optim.adam, own, g, own_states, 0.01, in_place=True)
+        for k in ("big", "b"):
+            assert (new[k] is before[k]) == (step > 0), (k, step)
+        assert not np.shares_memory(new["frozen"], before["frozen"])
+        if step == 0:  # not C-contiguous: a fresh (C-order) array, written over later
+            assert not np.shares_memory(new["strided"], before["strided"])
+        own.update(new)
+        pure_new, pure_states = optim.update_all(optim.adam, pure, g, pure_states, 0.01)
+        pure.update(pure_new)
+    for k in shapes:
+        assert np.array_equal(own[k], pure[k]), k
+        assert np.array_equal(own_states[k]["m"], pure_states[k]["m"]), k
+        assert np.array_equal(own_states[k]["v"], pure_states[k]["v"]), k
 
 
 # -- checkpoint files ------------------------------------------------------------------

@@ -111,7 +111,7 @@ def build_rnncap(dims, seed, device="cpu"):
 
 def rnncap_trainer(model, lr=LR):
     """A training-step closure: model.loss, then rnncap.training.optim.adam on every parameter
-    (``update_all``, as the trainer runs it)."""
+    (``update_all`` in place, as the trainer runs it)."""
     from ..training.optim import adam, update_all
 
     states = {k: {} for k in model.params}
@@ -120,7 +120,7 @@ def rnncap_trainer(model, lr=LR):
     def step(features, captions):
         nonlocal states
         loss, grads = model.loss(features, captions)
-        new_params, states = update_all(adam, params, grads, states, lr)
+        new_params, states = update_all(adam, params, grads, states, lr, in_place=True)
         params.update(new_params)
         return loss
 

@@ -49,6 +49,9 @@ class Trainer:
     keep_top: also keep the parameters of the ``keep_top`` best epochs so far as
         ``epoch-E.npz`` (without optimizer state), for ``average_top_epochs``.
 
+    Each update writes the new weights over the model's arrays (as torch's optimizers
+    do): copy ``model.params``' arrays to keep a step's weights.
+
     With ``cfg.ema`` = d > 0 the trainer also keeps a moving average of the weights,
     ``ema <- d * ema + (1 - d) * w`` after every update, starting from the weights
     training began with (Polyak averaging). The average is what is validated, kept as
@@ -152,8 +155,11 @@ class Trainer:
                                    f"stopped without saving, the last good checkpoint is kept")
         rule = optim.RULES[self.cfg.optimizer]
         kw = {"momentum": self.cfg.momentum} if self.cfg.optimizer == "sgd" else {}
-        new_params, self.opt_state = optim.update_all(rule, self.model.params, grads, self.opt_state, lr, **kw)
-        self.model.params.update(new_params)  # in place: a wrapper's params are its model's
+        # The trainer owns the parameters and the optimizer's state, so the update
+        # writes over them (a wrapper's params are its model's).
+        new_params, self.opt_state = optim.update_all(rule, self.model.params, grads, self.opt_state, lr,
+                                                      in_place=True, **kw)
+        self.model.params.update(new_params)
         if self.ema is not None:
             for k, w in self.model.params.items():
                 dt = w.dtype.type
