@@ -243,3 +243,24 @@ def test_larger_lite_encoders_load_strictly_and_recognise_photos(variant, size):
     ident = enc.identity()
     assert ident["image_size"] == size and ident["feature_dim"] == 1280
     assert enc.encode([skdata.chelsea()]).shape == (1, 1280)
+
+
+@pytest.mark.parametrize("preset, torch_first, expected", [
+    (None, False, "PASSIVE"),   # the library's default, set before torch loads
+    ("ACTIVE", False, "ACTIVE"),  # the user's value wins
+    (None, True, None),         # torch already loaded: too late to matter, left alone
+])
+def test_the_encoder_module_quiets_torchs_openmp_threads_before_torch_loads(preset, torch_first, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import os, sys\n" + ("import torch\n" if torch_first else "")
+            + "import rnncap\nrnncap.get_encoder\n"
+            + "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    policy, torch_loaded = out.stdout.split()
+    assert policy == str(expected) and torch_loaded == str(torch_first)

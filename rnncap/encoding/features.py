@@ -144,15 +144,8 @@ def add_arguments(p):
 
 
 def run(args):
-    import sys
-
-    if "torch" not in sys.modules:
-        # OpenMP threads that spin while waiting burn the CPU they wait for when the
-        # machine is shared: measured 76 vs 48 ms of CPU per image on a busy 2-core box.
-        # Only read when torch loads; a value the user set wins.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .encoders import get_encoder  # first: it sets torch's OpenMP wait policy
     from ..data.datasets import load_dataset
-    from .encoders import get_encoder
 
     dataset = load_dataset(args.data, image_dir=args.image_dir)
     names = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else list(dataset.splits)
