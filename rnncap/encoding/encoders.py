@@ -33,10 +33,11 @@ from ..errors import CheckpointError, RnncapError
 
 if "torch" not in sys.modules:
     # torch's OpenMP threads read this once, when torch loads (so only then does it
-    # count; a value the user set wins). Left to the default, threads that wait spin:
-    # on 2 cores one photo's encoding took a median of 120 ms (p90 223) against 21 ms
-    # with PASSIVE (Intel, idle), and a busy machine spent 76 against 48 ms of CPU an
-    # image (docs/performance.md). Every path to the encoder passes here first.
+    # count; a value the user set wins), as the commands set it. Left to the default,
+    # threads that wait spin, and on a machine whose other core is busy one photo's
+    # encoding took a median of 32-51 ms with a p90 of 154-165 ms, against 22 and
+    # 27-30 ms with PASSIVE (2 cores; idle, the default is faster: 15 against 26 ms;
+    # docs/performance.md). Every path to the encoder passes here first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "vgg16")
