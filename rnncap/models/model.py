@@ -434,13 +434,15 @@ def _common_args(model_cfg, vocab, seed):
 # as well. NumPy releases the GIL in its loops and BLAS calls, so plain Python threads
 # do. A shard costs some efficiency (each of its step matmuls is thinner, and its
 # weight gradients are full-size), so shards are made only with enough rows each:
-# 25, so that a batch of 50 uses both cores. Measured on Zen 3 (2 cores), h0 LSTM
-# step at N=50: one shard 158 ms, two 102 ms idle; with a busy loop on the other core
-# 161 and 153 ms, so the split costs nothing when the second core is taken.
+# 16. Measured on Zen 3 (2 cores), h0 LSTM step at N=50: one shard 158 ms, two 102 ms
+# idle; with a busy loop on the other core 161 and 153 ms. On the Intel CPU at N=32
+# and 40 (one shard at 25 rows, two at 16): 65 -> 48 and 77 -> 56 ms idle, the
+# attention LSTM at N=32 166 -> 116-128 ms; with the other core busy 62-64 -> 77 and
+# 76-85 -> 91-93 ms, slower by a fifth at most.
 # The BLAS limit is process-wide while it lasts: two threads that call ``loss`` at the
 # same time should each run under their own threadpoolctl limit of 1.
 
-_MIN_SHARD_ROWS = 25   # N = 50 splits in two: 1.5x faster than one shard (docs/performance.md)
+_MIN_SHARD_ROWS = 16   # N = 32 and up split in two (docs/performance.md)
 _MIN_DECODE_ROWS = 8   # in_shards' default: a caption batch of 16 photos decodes on both
                        # cores (beam 3: 189 -> 126 ms for 2 x 16 photos; docs/performance.md)
 _parallel = {}        # lazily: the threadpoolctl controller and a thread pool
