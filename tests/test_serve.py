@@ -942,3 +942,40 @@ def test_a_checkpoint_standardised_without_pca_is_described(tmp_path):
                                              "scale": np.ones(6, np.float32)})
     info = describe_checkpoint(path)
     assert info["pca_dim"] is None and info["model_class"] == "AttentionCaptioningModel"
+
+
+def test_the_listening_socket_gives_connections_without_nagles_delay():
+    """uvicorn serves on the socket ``_listen`` makes; asyncio sets TCP_NODELAY on a
+    connection only when that socket says TCP. Without it, each request after the
+    first on a kept-alive connection waited 40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from rnncap.inference.serve import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    seen = []
+
+    async def main():
+        def on_connect():
+            class Grab(asyncio.Protocol):
+                def connection_made(self, transport):
+                    s = transport.get_extra_info("socket")
+                    seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                    transport.close()
+            return Grab()
+
+        server = await asyncio.get_running_loop().create_server(on_connect, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+    assert seen and seen[0] != 0

@@ -771,10 +771,13 @@ def limits_from_args(args):
 def _listen(host, port):
     """A listening socket, or one line saying why there is none."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
     except socket.gaierror as e:
         raise RnncapError(f"--host {host}: not an address of this machine ({e.strerror})")
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket does, and with it on, every request after the first on a
+    # kept-alive connection waited 40 ms for the client's delayed ACK (docs/serving.md).
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
