@@ -6,6 +6,8 @@ between host and device happen only at the edges (``to_device`` / ``to_numpy``).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 try:  # CuPy is optional (extra "gpu"); its absence is the normal case.
@@ -62,9 +64,7 @@ def to_device(a, xp):
     return xp.asarray(a)
 
 
-_RETAINED = {}
-
-
+@functools.cache
 def retain_freed_memory():
     """Ask the C library's allocator (glibc) to keep freed memory for reuse instead of
     handing it back to the system: once per process, best before any thread but this
@@ -77,10 +77,7 @@ def retain_freed_memory():
     Kept, the pages are reused. The process holds on to its peak heap until it exits,
     which a training run does anyway.
     """
-    if "done" not in _RETAINED:
-        _RETAINED["done"] = _glibc_mallopt(mmap_threshold=32 << 20, trim_threshold=1 << 30,
-                                           arena_max=1)
-    return _RETAINED["done"]
+    return _glibc_mallopt(mmap_threshold=32 << 20, trim_threshold=1 << 30, arena_max=1)
 
 
 def _glibc_mallopt(mmap_threshold, trim_threshold, arena_max):

@@ -263,9 +263,6 @@ def add_arguments(p):
 
 
 def run(args):
-    # Idle OpenMP threads that spin steal the CPU a busy 2-core machine needs
-    # (see rnncap.encoding.features); only read when torch loads, and a user's value wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     size = args.size or (QUICK_SIZE if args.quick else DEFAULT_SIZE)
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
     if size < 30:

@@ -101,8 +101,7 @@ def update_all(rule, params, grads, states, lr, in_place=False, **kwargs):
     done = {}
     for k in params:
         out = _own_arrays(params[k], states[k]) if in_place and rule is adam else None
-        done[k] = (rule(params[k], grads[k], states[k], lr=lr, **kwargs) if out is None
-                   else rule(params[k], grads[k], states[k], lr=lr, out=out, **kwargs))
+        done[k] = rule(params[k], grads[k], states[k], lr=lr, **({"out": out} if out else {}), **kwargs)
     return {k: w for k, (w, _) in done.items()}, {k: st for k, (_, st) in done.items()}
 
 
